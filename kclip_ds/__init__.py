@@ -1,0 +1,1 @@
+"""kclip_ds: DeepSpeed training of CLIP models with structured knowledge."""
