@@ -1,0 +1,109 @@
+"""Raw shard sample → tensors: open_clip's image preprocess and tokenizer, and the padded collate.
+
+Decoding is explicit per field (PIL for images, UTF-8 for text, ``json.loads`` for JSON): no
+webdataset auto-decoders, which would unpickle ``.pyd``/``.pickle`` members of a shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kclip_ds.data.schema import IMAGE_EXTENSIONS, Batch
+
+
+class CorruptSample(ValueError):
+    """A sample that cannot be decoded; the pipeline skips it (up to data.max_corrupt)."""
+
+
+class SampleDecoder:
+    """Decodes raw webdataset samples and collates them into a fixed-size, padded Batch.
+
+    preprocess: PIL image → [3, H, W] float tensor (open_clip's transform)
+    tokenizer:  list[str] → [n, L] int64 (open_clip's tokenizer)
+    """
+
+    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
+                 image_size: int, context_length: int, with_labels: bool = False):
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.context_length = context_length
+        self.with_labels = with_labels
+
+    def decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, str, int, Any]:
+        """(image [3, H, W], caption, label or -1, scene graph or None); raises CorruptSample."""
+        key = raw.get("__key__", "?")
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if image_ext is None:
+            raise CorruptSample(f"{key}: no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+        try:
+            with Image.open(io.BytesIO(raw[image_ext])) as img:
+                image = self.preprocess(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise CorruptSample(f"{key}: undecodable {image_ext} ({exc.__class__.__name__})") from exc
+        if "txt" not in raw:
+            raise CorruptSample(f"{key}: no txt member")
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise CorruptSample(f"{key}: txt is not UTF-8") from exc
+        label = -1
+        if self.with_labels:
+            try:
+                label = int(raw["cls"].decode("ascii").strip())
+            except (KeyError, ValueError, UnicodeDecodeError) as exc:
+                raise CorruptSample(f"{key}: missing or non-integer cls") from exc
+        graph = None
+        if "sg.json" in raw:
+            try:
+                graph = json.loads(raw["sg.json"])
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CorruptSample(f"{key}: sg.json is not valid JSON") from exc
+        return image, caption, label, graph
+
+    def collate(self, raws: list[dict[str, Any]], batch_size: int, epoch: int, step_in_epoch: int,
+                seed: int = 0) -> Batch:
+        """Decode ``raws`` (<= batch_size) into a Batch of exactly ``batch_size`` rows, padding with valid=False.
+
+        Random augmentations draw from torch's RNG seeded with ``seed`` (derived per rank and step by the
+        pipeline), inside ``fork_rng`` so the caller's RNG is untouched: a resumed run augments identically.
+        """
+        assert len(raws) <= batch_size, f"{len(raws)} samples for a batch of {batch_size}"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._collate(raws, batch_size, epoch, step_in_epoch)
+
+    def _collate(self, raws: list[dict[str, Any]], batch_size: int, epoch: int, step_in_epoch: int) -> Batch:
+        images = torch.zeros(batch_size, 3, self.image_size, self.image_size)
+        texts = torch.zeros(batch_size, self.context_length, dtype=torch.long)
+        valid = torch.zeros(batch_size, dtype=torch.bool)
+        labels = torch.full((batch_size,), -1, dtype=torch.long)
+        keys = [""] * batch_size
+        graphs: list[Any] = [None] * batch_size
+        captions: dict[int, str] = {}
+        corrupt = []
+        for row, raw in enumerate(raws):
+            keys[row] = raw.get("__key__", "?")
+            try:
+                image, caption, label, graph = self.decode(raw)
+            except CorruptSample as exc:
+                corrupt.append(str(exc))
+                continue
+            assert image.shape == images.shape[1:], f"preprocessed image {tuple(image.shape)} != {tuple(images.shape[1:])}"
+            images[row], labels[row], graphs[row], captions[row] = image, label, graph, caption
+            valid[row] = True
+        if captions:
+            rows = list(captions)
+            texts[rows] = self.tokenizer([captions[r] for r in rows])
+        return Batch(
+            images=images, texts=texts, valid=valid, keys=keys,
+            labels=labels if self.with_labels else None,
+            scene_graphs=graphs if any(g is not None for g in graphs) else None,
+            corrupt_keys=corrupt, epoch=epoch, step_in_epoch=step_in_epoch,
+        )

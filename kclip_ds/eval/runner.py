@@ -1,0 +1,42 @@
+"""Evaluate a method on a split: retrieval R@k, and zero-shot accuracy when a labelled split is given.
+
+Used by training (validation split, every ``train.eval_every`` steps) and by ``kclip-eval``
+(any split, the test split only there).  All ranks take part; all return the same metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kclip_ds.config import DataConfig, EvalConfig
+from kclip_ds.data.pipeline import eval_batches
+from kclip_ds.data.transforms import SampleDecoder
+from kclip_ds.eval.retrieval import EncodeFn, encode_split, retrieval_metrics
+from kclip_ds.eval.zeroshot import build_classifier, load_classes, zeroshot_metrics
+from kclip_ds.models.towers import Towers
+
+
+def evaluate(encode: EncodeFn, towers: Towers, data: DataConfig, eval_cfg: EvalConfig, *, split: str,
+             split_spec: str, zeroshot_spec: str, rank: int, world_size: int, device: torch.device,
+             dtype: torch.dtype) -> dict[str, float]:
+    """Metrics named ``{split}/image_to_text_R@k``, ``{split}/text_to_image_R@k``, ``zeroshot/top1`` …"""
+    metrics: dict[str, float] = {}
+    decoder = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size, towers.context_length)
+    if split_spec:
+        batches = eval_batches(split_spec, decoder, rank=rank, world_size=world_size,
+                               batch_size=eval_cfg.batch_size, num_workers=min(1, data.workers),
+                               name=f"data.{split}")
+        emb = encode_split(encode, batches, device, dtype)
+        metrics.update(retrieval_metrics(emb["image"], emb["text"], eval_cfg.retrieval_ks, prefix=f"{split}/"))
+    if zeroshot_spec:
+        classnames, templates = load_classes(zeroshot_spec)
+        labelled = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size,
+                                 towers.context_length, with_labels=True)
+        batches = eval_batches(zeroshot_spec, labelled, rank=rank, world_size=world_size,
+                               batch_size=eval_cfg.batch_size, num_workers=min(1, data.workers),
+                               name="data.zeroshot")
+        emb = encode_split(encode, batches, device, dtype, with_texts=False)
+        classifier = build_classifier(lambda tokens: encode(None, tokens)["text_features"], towers.tokenizer,
+                                      classnames, templates, device)
+        metrics.update(zeroshot_metrics(emb["image"], emb["labels"], classifier))
+    return metrics

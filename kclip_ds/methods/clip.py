@@ -1,0 +1,36 @@
+"""Plain CLIP: embed images and captions with the towers, compare with InfoNCE across ranks.
+
+    v = f_img(x) / ‖·‖,  c = f_txt(y) / ‖·‖,  L = InfoNCE(s · v cᵀ)   (s = exp(logit_scale))
+
+A method is an ``nn.Module`` whose ``forward`` is the only entry point (ZeRO-3 gathers parameters
+inside hooked forwards), with two modes: "loss" → {"loss", "logs"}, "encode" → embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kclip_ds.losses.contrastive import ContrastiveLoss
+
+
+class ClipMethod(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.contrastive = ContrastiveLoss()
+
+    def forward(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None, mode: str = "loss") -> dict:
+        """images: [B, 3, H, W]; texts: [B, L]; valid: [B] bool.
+
+        mode="encode": {"image_features": [B, D] | None, "text_features": [B, D] | None} (either input may be None).
+        mode="loss":   {"loss": scalar, "logs": {"logit_scale": float}}.
+        """
+        out = self.model(image=images, text=texts)
+        if mode == "encode":
+            return {"image_features": out["image_features"], "text_features": out["text_features"]}
+        if mode != "loss":
+            raise ValueError(f"unknown mode {mode!r} (expected 'loss' or 'encode')")
+        loss = self.contrastive(out["image_features"], out["text_features"], out["logit_scale"], valid)
+        return {"loss": loss, "logs": {"logit_scale": out["logit_scale"].detach().float().mean()}}
