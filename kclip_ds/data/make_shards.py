@@ -9,7 +9,7 @@ whose final file exists is finished and a rerun reuses it and writes only the mi
 Each sample holds ``txt`` (the stripped caption), the image's original bytes under ``jpg`` /
 ``png`` / ``webp`` and ``json`` (source path and row index).  Bad samples are listed in
 ``errors.jsonl``; ``manifest.json`` records the input's sha256 so that a rerun against a
-different input is refused.
+different input is refused (``.make_shards.json`` records it until the manifest exists).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class Row:
 
 @dataclass
 class MakeShardsResult:
+    """What :func:`make_shards` did: the manifest it wrote, the skipped samples, shards written/reused."""
+
     manifest: Manifest
     errors: list[dict[str, Any]]
     written: int
@@ -326,6 +328,7 @@ def _check_out(out: Path, identity: dict[str, Any]) -> None:
         raise ShardError(f"{out} holds .tar files not written by this tool; pick a new --out or delete it")
     else:
         return
+    previous = previous if isinstance(previous, dict) else {}
     changed = [k for k in identity if previous.get(k) != identity[k]]
     if changed:
         raise ShardError(f"{out} holds shards made from a different input (changed: {', '.join(changed)}); "

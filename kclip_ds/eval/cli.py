@@ -1,0 +1,114 @@
+"""kclip-eval: evaluate a run's checkpoint on a split (the test split is read only here).
+
+    kclip-eval --run-dir runs/demo --split test                 # one process
+    torchrun --nproc_per_node 2 -m kclip_ds.eval.cli --run-dir runs/demo --split val
+
+Weights are consolidated with DeepSpeed's own ``zero_to_fp32`` (any ZeRO stage, any world size),
+loaded into the run's method and scored through its ``forward(mode="encode")``.  Metrics are
+printed as JSON and written to ``<run-dir>/eval/<tag>_<split>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kclip_ds import engine as eng
+from kclip_ds.config import ConfigError, load_config
+from kclip_ds.data.shards import atomic_write_text
+from kclip_ds.data.sources import DataError
+from kclip_ds.eval.runner import evaluate
+from kclip_ds.logs import setup_logging
+from kclip_ds.methods.clip import ClipMethod
+from kclip_ds.models.towers import ModelError, build_towers
+
+log = logging.getLogger("kclip_ds.eval")
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of the method from a DeepSpeed checkpoint of any ZeRO stage."""
+    tag_dir = ckpt_dir / tag
+    if not (tag_dir / eng.COMPLETE_MARKER).is_file():
+        raise eng.CheckpointError(f"checkpoint {tag_dir} is incomplete or missing (no {eng.COMPLETE_MARKER})")
+    model_states = tag_dir / "mp_rank_00_model_states.pt"
+    if any(tag_dir.glob("*optim_states.pt")) and not model_states.is_file():
+        raise eng.CheckpointError(f"{model_states} is missing; the checkpoint is damaged")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except ValueError:
+        # ZeRO stage 0 keeps whole weights in the model-states file (no zero partitions to merge).
+        states = torch.load(model_states, map_location="cpu", weights_only=True)
+        return {k: v.float() for k, v in states["module"].items()}
+
+
+def run_eval(run_dir: Path, split: str, tag: str, overrides: list[str]) -> dict[str, float]:
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    eng.init_distributed(cfg)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ckpt_dir = run_dir / "checkpoints"
+    tag = eng.resolve_tag(ckpt_dir, tag)
+    specs = {"val": cfg.data.val, "test": cfg.data.test, "zeroshot": ""}
+    if split not in specs:
+        raise ConfigError(f"--split must be one of {', '.join(specs)}, got {split!r}")
+    if split != "zeroshot" and not specs[split]:
+        raise ConfigError(f"data.{split} is empty in {run_dir / 'config.yaml'}; pass data.{split}=<shards>")
+    towers = build_towers(cfg.model)
+    method = ClipMethod(towers.model)
+    state = consolidated_state_dict(ckpt_dir, tag)
+    missing, unexpected = method.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise eng.CheckpointError(f"checkpoint {ckpt_dir / tag} does not fit model.arch={cfg.model.arch}: "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    method.eval()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    method.to(device)
+
+    def encode(images, texts):
+        return method(images=images, texts=texts, mode="encode")
+
+    metrics = evaluate(encode, towers, cfg.data, cfg.eval, split=split, split_spec=specs[split],
+                       zeroshot_spec=cfg.data.zeroshot, rank=rank, world_size=world, device=device,
+                       dtype=torch.float32)
+    if rank == 0:
+        out = run_dir / "eval" / f"{tag}_{split}.json"
+        out.parent.mkdir(exist_ok=True)
+        atomic_write_text(out, json.dumps({"tag": tag, "split": split, **metrics}, indent=1) + "\n")
+        log.info("wrote %s", out)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="kclip-eval", description="Evaluate a kclip_ds checkpoint on a split.")
+    parser.add_argument("--run-dir", required=True, type=Path, help="train.output_dir of the run")
+    parser.add_argument("--split", default="val", help="val | test | zeroshot (zero-shot accuracy is added whenever data.zeroshot is set)")
+    parser.add_argument("--tag", default="latest", help="checkpoint tag (default: latest)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.test=path/{000..003}.tar")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / "config.yaml").is_file():
+        print(f"kclip-eval: error: {args.run_dir / 'config.yaml'} not found: --run-dir must be a kclip_ds run "
+              f"directory (train.output_dir)", file=sys.stderr)
+        return 2
+    try:
+        metrics = run_eval(args.run_dir, args.split, args.tag, args.overrides)
+    except (ConfigError, DataError, ModelError, eng.CheckpointError, FileNotFoundError) as exc:
+        print(f"kclip-eval: error: {exc}", file=sys.stderr)
+        return 2
+    if dist.get_rank() == 0:
+        print(json.dumps(metrics, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
