@@ -30,7 +30,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 50  # steps between checkpoints; 0 = only at the end and on signals
     keep_last: int = 2  # checkpoints kept on disk (older ones are deleted after `latest` moves)
-    resume: str = ""  # "" (fresh run), "latest", or a checkpoint tag such as "global_step40"
+    resume: str = ""  # "" (fresh run), "latest", "auto" (latest if any, else fresh), or a tag "global_step40"
     stop_after_steps: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0 = off
     log_every: int = 1
     eval_every: int = 0  # steps between validation runs; 0 = only at the end

@@ -68,6 +68,11 @@ def run_training(cfg: Config) -> dict[str, Any]:
     device, dtype = engine.device, eng.compute_dtype(engine)
 
     step = micro = corrupt_total = 0
+    if cfg.train.resume == "auto":  # resume when a checkpoint exists (Slurm requeue), else start fresh
+        cfg.train.resume = "latest" if (ckpt_dir / eng.LATEST).is_file() else ""
+    elif not cfg.train.resume and (ckpt_dir / eng.LATEST).is_file():
+        raise eng.CheckpointError(f"{ckpt_dir} holds checkpoints of an earlier run: pass train.resume=latest to "
+                                  f"continue it, or choose a new train.output_dir")
     if cfg.train.resume:
         state = eng.load_checkpoint(engine, ckpt_dir, cfg.train.resume)
         _check_layout(state["data_layout"], stream.layout())
