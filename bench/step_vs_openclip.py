@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Time one kclip_ds training step against a plain open_clip loop on the same model, batch and weights.
 
     python bench/step_vs_openclip.py [--arch kclip-tiny] [--batch-size 64] [--steps 20] [--warmup 3]
@@ -38,15 +37,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import deepspeed  # noqa: E402
-import open_clip  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import deepspeed
+import open_clip
+import torch
+import torch.distributed as dist
 
-from kclip_ds import engine as eng  # noqa: E402
-from kclip_ds.config import load_config  # noqa: E402
-from kclip_ds.methods.clip import ClipMethod  # noqa: E402
-from kclip_ds.models.towers import build_towers, resolve_arch  # noqa: E402
+from kclip_ds import engine as eng
+from kclip_ds.config import load_config
+from kclip_ds.methods.clip import ClipMethod
+from kclip_ds.models.towers import build_towers, resolve_arch
 
 TARGET = 1.10
 LOSS_TOL = 1e-4
@@ -110,15 +109,20 @@ def build_openclip(cfg, init_state: dict):
     return model, open_clip.loss.ClipLoss(), optimizer, groups
 
 
-def timed(step_fn, n: int, threads: int) -> list[float]:
+def timed(step_fn, n: int, threads: int) -> tuple[list[float], float]:
+    """Per-step wall seconds, and the CPU use of the block as a fraction of ``threads`` busy cores.
+
+    A fraction well below 1 means the block's threads waited for cores: other load on the machine.
+    """
     torch.set_num_threads(threads)  # DeepSpeed must not have changed it; set it anyway for both sides
     gc.collect()
     times = []
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(n):
         t0 = time.perf_counter()
         step_fn()
         times.append(time.perf_counter() - t0)
-    return times
+    return times, (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,16 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         this = order if r % 2 == 0 else order[::-1]
         rec = {"order": this}
         for name in this:
-            ts = timed(sides[name], args.steps, threads)
+            ts, util = timed(sides[name], args.steps, threads)
             per_step[name] += ts
-            rec[name] = {"median_s": statistics.median(ts), "mean_s": statistics.fmean(ts), "steps_s": ts}
+            rec[name] = {"median_s": statistics.median(ts), "mean_s": statistics.fmean(ts), "cpu_util": util,
+                         "steps_s": ts}
         rec["ratio_median"] = rec["kclip_ds"]["median_s"] / rec["open_clip"]["median_s"]
         rounds.append(rec)
     assert torch.get_num_threads() == threads
 
     med = {n: statistics.median(ts) for n, ts in per_step.items()}
     mean = {n: statistics.fmean(ts) for n, ts in per_step.items()}
+    best = {n: min(ts) for n, ts in per_step.items()}
     ratio = med["kclip_ds"] / med["open_clip"]
+    round_ratio_median = statistics.median(rec["ratio_median"] for rec in rounds)
     passed = ratio <= TARGET
 
     versions = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "open_clip": open_clip.__version__,
@@ -207,13 +214,24 @@ def main(argv: list[str] | None = None) -> int:
           f"open_clip {first_loss['open_clip']:.6f}  |diff| {loss_diff:.2e}  "
           + ("OK" if loss_ok else f"MISMATCH (> {LOSS_TOL:g}): the two sides do not compute the same loss"))
     print()
-    print(f"{'round':>5}  {'order':<20} {'kclip_ds ms':>12} {'open_clip ms':>13} {'ratio':>7}")
+    print(f"{'round':>5}  {'order':<20} {'kclip_ds ms':>12} {'open_clip ms':>13} {'ratio':>7}   cpu use k/o")
     for i, rec in enumerate(rounds):
-        print(f"{i:>5}  {' → '.join(rec['order']):<20} {rec['kclip_ds']['median_s'] * 1e3:>12.2f} "
-              f"{rec['open_clip']['median_s'] * 1e3:>13.2f} {rec['ratio_median']:>7.3f}")
+        k, o = rec["kclip_ds"], rec["open_clip"]
+        print(f"{i:>5}  {' → '.join(rec['order']):<20} {k['median_s'] * 1e3:>12.2f} "
+              f"{o['median_s'] * 1e3:>13.2f} {rec['ratio_median']:>7.3f}   {k['cpu_util']:.2f}/{o['cpu_util']:.2f}")
     print(f"{'all':>5}  {'median':<20} {med['kclip_ds'] * 1e3:>12.2f} {med['open_clip'] * 1e3:>13.2f} {ratio:>7.3f}")
     print(f"{'':>5}  {'mean':<20} {mean['kclip_ds'] * 1e3:>12.2f} {mean['open_clip'] * 1e3:>13.2f} "
           f"{mean['kclip_ds'] / mean['open_clip']:>7.3f}")
+    print(f"{'':>5}  {'min':<20} {best['kclip_ds'] * 1e3:>12.2f} {best['open_clip'] * 1e3:>13.2f} "
+          f"{best['kclip_ds'] / best['open_clip']:>7.3f}")
+    print(f"median of per-round ratios: {round_ratio_median:.3f}")
+    spread = max(rec["ratio_median"] for rec in rounds) - min(rec["ratio_median"] for rec in rounds)
+    low_util = min(rec[n]["cpu_util"] for rec in rounds for n in sides)
+    noisy = (spread > 0.10 or low_util < 0.8 or mean["open_clip"] > 1.5 * med["open_clip"]
+             or mean["kclip_ds"] > 1.5 * med["kclip_ds"])
+    if noisy:
+        print(f"note: noisy timings (per-round ratios spread by {spread:.2f}, lowest cpu use {low_util:.2f} of "
+              f"{threads} cores, or outlier steps): other load on the machine? compare runs, or use more --rounds")
     print()
     print(f"ratio kclip_ds/open_clip = {ratio:.2f} (target <= {TARGET:.2f}): {'PASS' if passed else 'FAIL'}")
 
@@ -235,10 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": warmup_s,
             "median_step_s": med,
             "mean_step_s": mean,
+            "min_step_s": best,
             "ratio_median": ratio,
             "ratio_mean": mean["kclip_ds"] / mean["open_clip"],
+            "ratio_min": best["kclip_ds"] / best["open_clip"],
+            "ratio_round_median": round_ratio_median,
             "target": TARGET,
             "pass": passed,
+            "noisy": noisy,
             "rounds": rounds,
         }
         out = Path(args.out)

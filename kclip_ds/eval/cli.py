@@ -36,17 +36,17 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     tag_dir = ckpt_dir / tag
     if not (tag_dir / eng.COMPLETE_MARKER).is_file():
         raise eng.CheckpointError(f"checkpoint {tag_dir} is incomplete or missing (no {eng.COMPLETE_MARKER})")
-    model_states = tag_dir / "mp_rank_00_model_states.pt"
-    if any(tag_dir.glob("*optim_states.pt")) and not model_states.is_file():
-        raise eng.CheckpointError(f"{model_states} is missing; the checkpoint is damaged")
-    try:
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    except ValueError:
-        # ZeRO stage 0 keeps whole weights in the model-states file (no zero partitions to merge).
-        states = torch.load(model_states, map_location="cpu", weights_only=True)
-        return {k: v.float() for k, v in states["module"].items()}
+    # ZeRO stage 0 keeps whole weights in the model-states file (no partitions to merge).
+    model_states = tag_dir / "mp_rank_00_model_states.pt"
+    if not model_states.is_file():
+        raise eng.CheckpointError(f"{tag_dir}: neither ZeRO partitions nor {model_states.name} found; "
+                                  f"the checkpoint is damaged")
+    states = torch.load(model_states, map_location="cpu", weights_only=True)
+    return {k: v.float() for k, v in states["module"].items()}
 
 
 def run_eval(run_dir: Path, split: str, tag: str, overrides: list[str]) -> dict[str, float]:

@@ -1,0 +1,63 @@
+"""2 ranks: kclip_ds's cross-rank InfoNCE (loss and gradients, averaged the way DeepSpeed averages them)
+equals open_clip's ClipLoss computed by one process on the global batch.  Exit code 0 = equal."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from kclip_ds.losses.contrastive import ContrastiveLoss
+
+
+def main() -> int:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    per_rank, d_in, d_out = 6, 5, 8
+    x_img, x_txt = torch.randn(world * per_rank, d_in), torch.randn(world * per_rank, d_in)
+    w_img0, w_txt0 = torch.randn(d_in, d_out), torch.randn(d_in, d_out)
+    failures = []
+    for case, n_pad in (("all valid", 0), ("last 2 rows of the last rank padded", 2)):
+        valid = torch.ones(world * per_rank, dtype=torch.bool)
+        if n_pad:
+            valid[-n_pad:] = False
+        params = [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(),
+                  torch.tensor([2.3], requires_grad=True)]
+        w_img, w_txt, scale = params
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        loss = ContrastiveLoss()(F.normalize(x_img[rows] @ w_img, dim=-1), F.normalize(x_txt[rows] @ w_txt, dim=-1),
+                                 scale.exp(), valid[rows])
+        loss.backward()
+        grads = [p.grad.clone() for p in params]
+        for g in grads:
+            dist.all_reduce(g)
+            g /= world  # DeepSpeed averages gradients over data-parallel ranks
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= world
+
+        ref_params = [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(),
+                      torch.tensor([2.3], requires_grad=True)]
+        r_img, r_txt, r_scale = ref_params
+        ref = ClipLoss()(F.normalize(x_img[valid] @ r_img, dim=-1), F.normalize(x_txt[valid] @ r_txt, dim=-1),
+                         r_scale.exp())
+        ref.backward()
+        if not torch.allclose(mean_loss, ref.detach(), atol=1e-6, rtol=1e-6):
+            failures.append(f"{case}: loss {mean_loss.item()} != open_clip {ref.item()}")
+        for name, g, p in zip(("w_img", "w_txt", "logit_scale"), grads, ref_params):
+            if not torch.allclose(g, p.grad, atol=1e-6, rtol=1e-5):
+                failures.append(f"{case}: grad {name} max diff {(g - p.grad).abs().max().item():.3e}")
+        if rank == 0:
+            print(f"{case}: loss {mean_loss.item():.7f} vs open_clip single process {ref.item():.7f}")
+    for f in failures:
+        print(f"rank {rank}: MISMATCH {f}")
+    dist.destroy_process_group()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
