@@ -58,7 +58,8 @@ class MetricsLog:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=resumed_at_step or 0, desc="train", unit="step",
-                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                            disable=None)  # None: off when stderr is not a terminal (Slurm logs, CI)
 
     def _record(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")

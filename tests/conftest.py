@@ -35,12 +35,12 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.
     """Launch ``nproc`` CPU ranks over gloo with torchrun on a free port; returns the finished process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, check=False, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def python(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """One process (a world of one)."""
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, *args], check=False, cwd=REPO, env=cpu_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -58,13 +58,18 @@ def runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     # in the process, which changes the last bits of later fp32 runs in the same process.
     for name, extra in (("straight8", {"train.max_steps": 8}),
                         ("half8", {"train.max_steps": 8, "train.stop_after_steps": 4}),
-                        ("straight30", {"train.max_steps": 30, "data.workers": 1})):
+                        ("straight30", {"train.max_steps": 30, "data.workers": 1, "train.save_every": 10})):
         configs.append({"name": name, "overrides": common(demo_data, root / name, **extra)})
     for stage, precision in ZERO_MATRIX:
         name = f"zero{stage}_{precision}"
         configs.append({"name": name, "overrides": common(
             demo_data, root / name, **{"train.max_steps": 2, "deepspeed.config": f"ds_configs/zero{stage}.json",
                                        "deepspeed.bf16": precision == "bf16", "data.workers": 1})})
+    for name, extra in (("zero2_offload", {"deepspeed.config": "ds_configs/zero2_offload.json"}),
+                        ("zero2_gradckpt", {"model.grad_checkpointing": True}),
+                        ("zero2_accum2", {"data.batch_size": 4, "train.grad_accum": 2})):
+        configs.append({"name": name, "overrides": common(demo_data, root / name, **{
+            "train.max_steps": 2, "data.workers": 1, **extra})})
     (root / "configs.json").write_text(json.dumps(configs))
     proc = torchrun([str(REPO / "tests/dist/run_configs.py"), str(root / "configs.json"), str(root / "results.json")])
     assert_ok(proc)
@@ -81,6 +86,21 @@ def test_zero_stages_and_precisions_agree_on_the_first_step(runs: dict[str, Path
         assert abs(first[f"zero{stage}_bf16"] - first[f"zero{stage}_fp32"]) < 0.05, first
     for name in first:  # each took two optimizer steps and saved a complete checkpoint
         assert (runs[name] / "checkpoints/latest").read_text() == "global_step2"
+
+
+def test_offload_checkpointing_and_accumulation(runs: dict[str, Path]) -> None:
+    reference = losses(runs["zero2_fp32"])
+    assert losses(runs["zero2_offload"]) == pytest.approx(reference, abs=1e-5)  # same math, optimizer on CPU
+    assert losses(runs["zero2_gradckpt"]) == pytest.approx(reference, abs=1e-5)  # recompute, same values
+    accum = losses(runs["zero2_accum2"])
+    assert sorted(accum) == [1, 2]  # steps count optimizer steps; each consumed two micro-batches
+    state = (runs["zero2_accum2"] / "checkpoints/global_step2/kclip_complete.json").read_text()
+    assert json.loads(state)["step"] == 2
+
+
+def test_keep_last_checkpoints(runs: dict[str, Path]) -> None:
+    ckpts = sorted(p.name for p in (runs["straight30"] / "checkpoints").iterdir())
+    assert ckpts == ["global_step20", "global_step30", "latest"]
 
 
 def test_resume_reproduces_the_straight_run_bit_for_bit(runs: dict[str, Path], demo_data: Path) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import random
+import signal
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -134,12 +136,26 @@ class ShardStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    # Pre-emption signals are for the trainer, which checkpoints and then shuts its workers down;
+    # Slurm delivers them to every process of the step, and the default action would kill a worker.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers come from a forkserver: a clean single-threaded process, so a worker never inherits a lock
+    held by one of the trainer's threads (gloo, DataLoader feeders) at fork time.  The server imports
+    the pipeline and open_clip (transforms, tokenizer) once; each worker then starts in milliseconds."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["kclip_ds.data.pipeline", "open_clip"])
+    return context
 
 
 def make_loader(spec: StreamSpec, decoder: SampleDecoder) -> DataLoader:
-    return DataLoader(ShardStream(spec, decoder), batch_size=None, num_workers=spec.num_workers,
-                      worker_init_fn=_worker_init if spec.num_workers else None,
-                      prefetch_factor=4 if spec.num_workers else None, persistent_workers=False)
+    workers = spec.num_workers
+    return DataLoader(ShardStream(spec, decoder), batch_size=None, num_workers=workers,
+                      worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None,
+                      persistent_workers=False, multiprocessing_context=_worker_context() if workers else None)
 
 
 class TrainStream:

@@ -13,6 +13,8 @@ from torch import nn
 
 from kclip_ds.losses.contrastive import ContrastiveLoss
 
+MAX_LOGIT_SCALE = 100.0
+
 
 class ClipMethod(nn.Module):
     def __init__(self, model: nn.Module):
@@ -32,5 +34,8 @@ class ClipMethod(nn.Module):
             return {"image_features": out["image_features"], "text_features": out["text_features"]}
         if mode != "loss":
             raise ValueError(f"unknown mode {mode!r} (expected 'loss' or 'encode')")
-        loss = self.contrastive(out["image_features"], out["text_features"], out["logit_scale"], valid)
-        return {"loss": loss, "logs": {"logit_scale": out["logit_scale"].detach().float().mean()}}
+        # open_clip clamps logit_scale to ln(100) after every step; a clamp in forward does the same job
+        # without touching optimizer-owned (ZeRO-partitioned, fp32 master) weights.
+        logit_scale = out["logit_scale"].clamp(max=MAX_LOGIT_SCALE)
+        loss = self.contrastive(out["image_features"], out["text_features"], logit_scale, valid)
+        return {"loss": loss, "logs": {"logit_scale": logit_scale.detach().float().mean()}}

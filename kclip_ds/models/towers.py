@@ -73,7 +73,8 @@ def build_towers(cfg: ModelConfig) -> Towers:
                              f"(kclip_ds loads local files only, never a hub)")
         pretrained = cfg.pretrained
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        arch, pretrained=pretrained, output_dict=True, pretrained_text=False, pretrained_image=False)
+        arch, pretrained=pretrained, output_dict=True, pretrained_text=False, pretrained_image=False,
+        weights_only=True)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     fix_logit_scale(model)
