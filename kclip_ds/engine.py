@@ -122,11 +122,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def initialize(method: nn.Module, cfg: Config, world_size: int):
+def initialize(method: nn.Module, cfg: Config, world_size: int, ds_config: dict[str, Any] | None = None):
     """``deepspeed.initialize`` with the assembled config; returns the engine."""
     import deepspeed
 
-    ds_config = build_ds_config(cfg, world_size)
+    ds_config = ds_config if ds_config is not None else build_ds_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(
         model=method, model_parameters=param_groups(method, cfg.train.weight_decay), config=copy.deepcopy(ds_config))
     return engine

@@ -51,6 +51,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     """Train per ``cfg``; returns {"step", "stopped_by", "metrics"} (the same on every rank)."""
     eng.init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
+    ds_config = eng.build_ds_config(cfg, world)  # a bad DeepSpeed JSON fails here, before any heavy work
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     if rank == 0:
@@ -64,7 +65,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
                          num_workers=cfg.data.workers, seed=cfg.train.seed, resampled=cfg.data.resampled,
                          upsampling_factors=cfg.data.train_upsampling_factors, epoch_steps=cfg.data.epoch_steps,
                          shuffle_buffer=cfg.data.shuffle_buffer)
-    engine = eng.initialize(ClipMethod(towers.model), cfg, world)
+    engine = eng.initialize(ClipMethod(towers.model), cfg, world, ds_config)
     device, dtype = engine.device, eng.compute_dtype(engine)
 
     step = micro = corrupt_total = 0
