@@ -129,6 +129,10 @@ def initialize(method: nn.Module, cfg: Config, world_size: int, ds_config: dict[
     ds_config = ds_config if ds_config is not None else build_ds_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(
         model=method, model_parameters=param_groups(method, cfg.train.weight_decay), config=copy.deepcopy(ds_config))
+    if world_size == 1 and engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        # A world of one has nothing to all-reduce, but DeepSpeed would still flatten every gradient,
+        # scale it by 1 and copy it back after each backward (~4% of a small model's step).
+        engine.enable_backward_allreduce = False
     return engine
 
 
