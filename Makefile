@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/demo
 DATA   ?= data/demo
+EXPORT ?= exports/demo-hf
 PORT   ?= $(shell $(PYTHON) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # CPU ranks: DeepSpeed's CPU accelerator over gloo, one thread per rank.  Unset both on a GPU node.
 CPU_ENV := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
@@ -22,12 +23,13 @@ venv: $(BIN)/.kclip-installed
 data: venv
 	$(BIN)/python tools/make_demo_data.py --out $(DATA) --seed 0
 
-# make shards → train on 2 ranks with DeepSpeed → evaluate on the held-out test split
+# make shards → train on 2 ranks with DeepSpeed → evaluate on the held-out test split → export to HF
 demo: data
-	rm -rf $(RUN)
+	rm -rf $(RUN) $(EXPORT)
 	$(CPU_ENV) $(BIN)/deepspeed --num_accelerators 2 --master_port $(PORT) --module kclip_ds.train \
 		--config configs/demo.yaml train.output_dir=$(RUN) $(ARGS)
 	$(CPU_ENV) $(BIN)/kclip-eval --run-dir $(RUN) --split test
+	$(CPU_ENV) HF_HUB_OFFLINE=1 $(BIN)/python tools/convert_to_hf.py --run-dir $(RUN) --out $(EXPORT)
 
 test: venv
 	$(CPU_ENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -36,4 +38,4 @@ lint: venv
 	$(BIN)/ruff check kclip_ds tools tests bench
 
 clean-demo:
-	rm -rf $(RUN) $(DATA)
+	rm -rf $(RUN) $(DATA) $(EXPORT)

@@ -65,7 +65,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "kclip-tiny"  # open_clip model name or a path to an open_clip model JSON config
-    pretrained: str = ""  # local open_clip checkpoint file; never a hub name
+    pretrained: str = ""  # a local open_clip checkpoint file, or hf:DIR (a transformers CLIPModel dir); never a hub
     grad_checkpointing: bool = False
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,17 +33,31 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_group(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (ranks, data workers, forkserver)
+    so that nothing is left behind to disturb later tests, then fail with the output so far."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n--- stdout\n{stdout[-4000:]}\n--- stderr\n"
+                    f"{stderr[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """Launch ``nproc`` CPU ranks over gloo with torchrun on a free port; returns the finished process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-    return subprocess.run(cmd, check=False, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, timeout)
 
 
 def python(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """One process (a world of one)."""
-    return subprocess.run([sys.executable, *args], check=False, cwd=REPO, env=cpu_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return run_group([sys.executable, *args], timeout)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
@@ -58,3 +74,53 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_spec(root: Path) -> str:
     n = len(list((root / "train").glob("*.tar")))
     return f"{root}/train/{{000000..{n - 1:06d}}}.tar"
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert len(steps) == len(set(steps)), f"{run_dir}: a step is logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def common(data: Path, out: Path, **extra: object) -> list[str]:
+    args = {"data.train": train_spec(data), "data.val": f"{data}/val/{{000000..000001}}.tar",
+            "data.test": f"{data}/test/000000.tar", "data.zeroshot": f"{data}/zeroshot/000000.tar",
+            "data.batch_size": 8, "data.workers": 2, "data.shuffle_buffer": 32, "model.arch": "kclip-micro",
+            "train.output_dir": str(out), "train.log_every": 1, "train.save_every": 0, "train.eval_every": 0,
+            "train.warmup_steps": 2, "train.progress_bar": False, "train.tensorboard": False, "eval.batch_size": 16}
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+ZERO_MATRIX = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
+
+
+@pytest.fixture(scope="session")
+def runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One 2-rank launch: the ZeRO × precision matrix, an 8-step run, the same run stopped at step 4,
+    and a 30-step run (the reference for the signal test)."""
+    root = tmp_path_factory.mktemp("runs")
+    configs = []
+    # The reference runs go first: a ZeRO-3 engine leaves DeepSpeed's patched torch.nn.functional.linear
+    # in the process, which changes the last bits of later fp32 runs in the same process.
+    for name, extra in (("straight8", {"train.max_steps": 8}),
+                        ("half8", {"train.max_steps": 8, "train.stop_after_steps": 4}),
+                        ("straight30", {"train.max_steps": 30, "data.workers": 1, "train.save_every": 10})):
+        configs.append({"name": name, "overrides": common(demo_data, root / name, **extra)})
+    for stage, precision in ZERO_MATRIX:
+        name = f"zero{stage}_{precision}"
+        configs.append({"name": name, "overrides": common(
+            demo_data, root / name, **{"train.max_steps": 2, "deepspeed.config": f"ds_configs/zero{stage}.json",
+                                       "deepspeed.bf16": precision == "bf16", "data.workers": 1})})
+    for name, extra in (("zero2_offload", {"deepspeed.config": "ds_configs/zero2_offload.json"}),
+                        ("zero2_gradckpt", {"model.grad_checkpointing": True}),
+                        ("zero2_accum2", {"data.batch_size": 4, "train.grad_accum": 2})):
+        configs.append({"name": name, "overrides": common(demo_data, root / name, **{
+            "train.max_steps": 2, "data.workers": 1, **extra})})
+    (root / "configs.json").write_text(json.dumps(configs))
+    proc = torchrun([str(REPO / "tests/dist/run_configs.py"), str(root / "configs.json"), str(root / "results.json")])
+    assert_ok(proc)
+    results = json.loads((root / "results.json").read_text())
+    assert results["half8"]["stopped_by"] == "stop_after_steps" and results["straight8"]["step"] == 8
+    return {c["name"]: root / c["name"] for c in configs}

@@ -17,65 +17,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, assert_ok, cpu_env, free_port, python, torchrun, train_spec
+from tests.conftest import REPO, ZERO_MATRIX, assert_ok, common, cpu_env, free_port, losses, python, torchrun
 
 pytestmark = pytest.mark.slow
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if r["kind"] == "train"]
-    assert len(steps) == len(set(steps)), f"{run_dir}: a step is logged twice: {steps}"
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-
-
-def common(data: Path, out: Path, **extra: object) -> list[str]:
-    args = {"data.train": train_spec(data), "data.val": f"{data}/val/{{000000..000001}}.tar",
-            "data.test": f"{data}/test/000000.tar", "data.zeroshot": f"{data}/zeroshot/000000.tar",
-            "data.batch_size": 8, "data.workers": 2, "data.shuffle_buffer": 32, "model.arch": "kclip-micro",
-            "train.output_dir": str(out), "train.log_every": 1, "train.save_every": 0, "train.eval_every": 0,
-            "train.warmup_steps": 2, "train.progress_bar": False, "train.tensorboard": False, "eval.batch_size": 16}
-    args.update(extra)
-    return [f"{k}={v}" for k, v in args.items()]
 
 
 def test_loss_and_gradients_match_open_clip_on_one_process() -> None:
     proc = torchrun([str(REPO / "tests/dist/loss_equivalence.py")])
     assert_ok(proc)
     assert proc.stdout.count("vs open_clip single process") == 2
-
-
-ZERO_MATRIX = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
-
-
-@pytest.fixture(scope="module")
-def runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One 2-rank launch: the ZeRO × precision matrix, an 8-step run, the same run stopped at step 4,
-    and a 30-step run (the reference for the signal test)."""
-    root = tmp_path_factory.mktemp("runs")
-    configs = []
-    # The reference runs go first: a ZeRO-3 engine leaves DeepSpeed's patched torch.nn.functional.linear
-    # in the process, which changes the last bits of later fp32 runs in the same process.
-    for name, extra in (("straight8", {"train.max_steps": 8}),
-                        ("half8", {"train.max_steps": 8, "train.stop_after_steps": 4}),
-                        ("straight30", {"train.max_steps": 30, "data.workers": 1, "train.save_every": 10})):
-        configs.append({"name": name, "overrides": common(demo_data, root / name, **extra)})
-    for stage, precision in ZERO_MATRIX:
-        name = f"zero{stage}_{precision}"
-        configs.append({"name": name, "overrides": common(
-            demo_data, root / name, **{"train.max_steps": 2, "deepspeed.config": f"ds_configs/zero{stage}.json",
-                                       "deepspeed.bf16": precision == "bf16", "data.workers": 1})})
-    for name, extra in (("zero2_offload", {"deepspeed.config": "ds_configs/zero2_offload.json"}),
-                        ("zero2_gradckpt", {"model.grad_checkpointing": True}),
-                        ("zero2_accum2", {"data.batch_size": 4, "train.grad_accum": 2})):
-        configs.append({"name": name, "overrides": common(demo_data, root / name, **{
-            "train.max_steps": 2, "data.workers": 1, **extra})})
-    (root / "configs.json").write_text(json.dumps(configs))
-    proc = torchrun([str(REPO / "tests/dist/run_configs.py"), str(root / "configs.json"), str(root / "results.json")])
-    assert_ok(proc)
-    results = json.loads((root / "results.json").read_text())
-    assert results["half8"]["stopped_by"] == "stop_after_steps" and results["straight8"]["step"] == 8
-    return {c["name"]: root / c["name"] for c in configs}
 
 
 def test_zero_stages_and_precisions_agree_on_the_first_step(runs: dict[str, Path]) -> None:

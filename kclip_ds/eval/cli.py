@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from kclip_ds import engine as eng
-from kclip_ds.config import ConfigError, load_config
+from kclip_ds.config import ConfigError
 from kclip_ds.data.shards import atomic_write_text
 from kclip_ds.data.sources import DataError
 from kclip_ds.eval.runner import evaluate
+from kclip_ds.export.weights import load_run
 from kclip_ds.logs import setup_logging
 from kclip_ds.methods.clip import ClipMethod
 from kclip_ds.models.towers import ModelError, build_towers
@@ -31,41 +32,21 @@ from kclip_ds.models.towers import ModelError, build_towers
 log = logging.getLogger("kclip_ds.eval")
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of the method from a DeepSpeed checkpoint of any ZeRO stage."""
-    tag_dir = ckpt_dir / tag
-    if not (tag_dir / eng.COMPLETE_MARKER).is_file():
-        raise eng.CheckpointError(f"checkpoint {tag_dir} is incomplete or missing (no {eng.COMPLETE_MARKER})")
-    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    # ZeRO stage 0 keeps whole weights in the model-states file (no partitions to merge).
-    model_states = tag_dir / "mp_rank_00_model_states.pt"
-    if not model_states.is_file():
-        raise eng.CheckpointError(f"{tag_dir}: neither ZeRO partitions nor {model_states.name} found; "
-                                  f"the checkpoint is damaged")
-    states = torch.load(model_states, map_location="cpu", weights_only=True)
-    return {k: v.float() for k, v in states["module"].items()}
-
-
 def run_eval(run_dir: Path, split: str, tag: str, overrides: list[str]) -> dict[str, float]:
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    run = load_run(run_dir, tag, overrides)
+    cfg, tag = run.cfg, run.tag
     eng.init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
-    ckpt_dir = run_dir / "checkpoints"
-    tag = eng.resolve_tag(ckpt_dir, tag)
     specs = {"val": cfg.data.val, "test": cfg.data.test, "zeroshot": ""}
     if split not in specs:
         raise ConfigError(f"--split must be one of {', '.join(specs)}, got {split!r}")
     if split != "zeroshot" and not specs[split]:
         raise ConfigError(f"data.{split} is empty in {run_dir / 'config.yaml'}; pass data.{split}=<shards>")
-    towers = build_towers(cfg.model)
+    towers = build_towers(cfg.model, load_weights=False)
     method = ClipMethod(towers.model)
-    state = consolidated_state_dict(ckpt_dir, tag)
-    missing, unexpected = method.load_state_dict(state, strict=False)
+    missing, unexpected = method.load_state_dict(run.method_state, strict=False)
     if missing or unexpected:
-        raise eng.CheckpointError(f"checkpoint {ckpt_dir / tag} does not fit model.arch={cfg.model.arch}: "
+        raise eng.CheckpointError(f"checkpoint {run_dir / 'checkpoints' / tag} does not fit model.arch={cfg.model.arch}: "
                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     method.eval()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

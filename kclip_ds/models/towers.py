@@ -7,7 +7,10 @@ The CLIP module is a plain ``nn.Module``; DeepSpeed is applied to it from outsid
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,9 @@ log = logging.getLogger(__name__)
 
 KCLIP_MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "model_configs"
 open_clip.add_model_config(KCLIP_MODEL_CONFIGS)
+
+
+_ARCH_PREPROCESS: dict[str, dict] = {}  # image preprocessing of archs registered from hf:DIR
 
 
 class ModelError(ValueError):
@@ -39,8 +45,48 @@ class Towers:
     context_length: int
 
 
+def _register_hf_arch(directory: str) -> str:
+    """Register the open_clip config equivalent to a transformers CLIPModel directory; returns its name."""
+    from transformers import CLIPConfig
+
+    from kclip_ds.export.hf import openclip_model_cfg_from_hf
+
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.pretrained=hf:{directory}: {path / 'config.json'} not found (give a directory "
+                         f"written by transformers' save_pretrained or tools/convert_to_hf.py)")
+    model_cfg = openclip_model_cfg_from_hf(CLIPConfig.from_pretrained(path, local_files_only=True))
+    name = "hf-" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+    processor = path / "preprocessor_config.json"
+    if processor.is_file():  # open_clip model configs cannot carry preprocessing; it is forced at creation
+        pp = json.loads(processor.read_text())
+        _ARCH_PREPROCESS[name] = {"image_mean": pp["image_mean"], "image_std": pp["image_std"],
+                                  "image_interpolation": "bicubic" if pp.get("resample", 3) == 3 else "bilinear"}
+    config_file = Path(tempfile.mkdtemp(prefix="kclip_hf_arch_")) / f"{name}.json"
+    config_file.write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(config_file)
+    return name
+
+
+def _load_hf_weights(model: nn.Module, directory: str) -> None:
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig
+
+    from kclip_ds.export.hf import hf_to_openclip_state_dict
+
+    path = Path(directory)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"model.pretrained=hf:{directory}: {weights} not found")
+    state = hf_to_openclip_state_dict(load_file(str(weights)), CLIPConfig.from_pretrained(path, local_files_only=True))
+    model.load_state_dict(state, strict=True)
+
+
 def resolve_arch(arch: str) -> str:
-    """An open_clip model name; a path to a JSON config is registered under its file stem."""
+    """An open_clip model name; a path to a JSON config is registered under its file stem;
+    ``hf:DIR`` (a transformers CLIPModel directory) is registered under a name derived from DIR."""
+    if arch.startswith("hf:"):
+        return _register_hf_arch(arch[3:])
     if arch.endswith(".json"):
         path = Path(arch)
         if not path.is_file():
@@ -64,17 +110,25 @@ def fix_logit_scale(model: nn.Module) -> None:
         model.logit_scale = nn.Parameter(scale.detach().reshape(1), requires_grad=scale.requires_grad)
 
 
-def build_towers(cfg: ModelConfig) -> Towers:
-    arch = resolve_arch(cfg.arch)
+def build_towers(cfg: ModelConfig, load_weights: bool = True) -> Towers:
+    """Towers per ``cfg``.  ``model.pretrained`` is a local open_clip file or ``hf:DIR`` (a transformers
+    CLIPModel directory, whose config then also fixes the architecture); ``load_weights=False`` builds
+    the same architecture without reading weights (for tools that load a checkpoint next)."""
+    from_hf = cfg.pretrained.startswith("hf:")
+    arch = resolve_arch(cfg.pretrained if from_hf else cfg.arch)
+    if from_hf and cfg.arch not in ("", "kclip-tiny", arch):
+        log.warning("model.arch=%s ignored: the architecture comes from model.pretrained=%s", cfg.arch, cfg.pretrained)
     pretrained = None
-    if cfg.pretrained:
+    if cfg.pretrained and not from_hf and load_weights:
         if not Path(cfg.pretrained).is_file():
             raise ModelError(f"model.pretrained: weights file not found: {cfg.pretrained} "
                              f"(kclip_ds loads local files only, never a hub)")
         pretrained = cfg.pretrained
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         arch, pretrained=pretrained, output_dict=True, pretrained_text=False, pretrained_image=False,
-        weights_only=True)
+        weights_only=True, **_ARCH_PREPROCESS.get(arch, {}))
+    if from_hf and load_weights:
+        _load_hf_weights(model, cfg.pretrained[3:])
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     fix_logit_scale(model)
