@@ -4,7 +4,7 @@
 
 Every problem (missing file, unknown key, wrong type, bad value) raises ``ConfigError`` with one
 line that names the file or key and says what to do.  Parts of the code receive the narrow piece
-they need (``cfg.data`` to the data pipeline, ``cfg.loss`` to losses), never the whole tree.
+they need (``cfg.data`` to the data pipeline, ``cfg.model`` to the towers), never the whole tree.
 """
 
 from __future__ import annotations
@@ -70,12 +70,6 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
-    local_loss: bool = True  # open_clip --local-loss: each rank scores its rows against all columns
-    gather_with_grad: bool = True  # open_clip --gather-with-grad
-
-
-@dataclass
 class DeepSpeedSection:
     config: str = "ds_configs/zero2.json"  # a plain DeepSpeed JSON
     bf16: bool = False  # turn on DeepSpeed's bf16 section without editing the JSON
@@ -93,7 +87,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

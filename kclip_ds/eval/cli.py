@@ -75,10 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.test=path/{000..003}.tar")
     args = parser.parse_args(argv)
-    if not (args.run_dir / "config.yaml").is_file():
-        print(f"kclip-eval: error: {args.run_dir / 'config.yaml'} not found: --run-dir must be a kclip_ds run "
-              f"directory (train.output_dir)", file=sys.stderr)
-        return 2
     try:
         metrics = run_eval(args.run_dir, args.split, args.tag, args.overrides)
     except (ConfigError, DataError, ModelError, eng.CheckpointError, FileNotFoundError) as exc:

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -88,7 +87,3 @@ def load_extras(directory: str | Path) -> dict[str, nn.Module]:
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
         modules[name] = module.eval()
     return modules
-
-
-def as_tensor_dict(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
