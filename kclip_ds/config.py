@@ -60,6 +60,7 @@ class DataConfig:
     epoch_steps: int = 0  # resampled mode: steps per virtual epoch (0 = total samples / global batch)
     shuffle_buffer: int = 256  # samples; 0 disables in-shard shuffling
     max_corrupt: int = 10  # skipped corrupt samples tolerated per run before stopping with an error
+    negatives: list[str] = field(default_factory=list)  # hard negatives from sg.json: relation, attribute
 
 
 @dataclass
@@ -67,6 +68,23 @@ class ModelConfig:
     arch: str = "kclip-tiny"  # open_clip model name or a path to an open_clip model JSON config
     pretrained: str = ""  # a local open_clip checkpoint file, or hf:DIR (a transformers CLIPModel dir); never a hub
     grad_checkpointing: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "clip"  # clip (NegCLIP when data.negatives is set) | structure_clip
+    lambda_k: float = 0.2  # Structure-CLIP: t = c + lambda_k * k
+    hinge_margin: float = 0.2
+    neg_margin: float = 0.1
+    neg_weight: float = 5.0  # lambda_n
+    infonce_weight: float = 0.0  # optional InfoNCE term on (v, t)
+    warmup_steps: int = 100  # text→image hinge takes the mean over negatives for these first steps
+    max_triples: int = 6
+    phrase_len: int = 5  # BPE tokens per phrase
+    graph_width: int = 256
+    graph_layers: int = 2
+    graph_heads: int = 4
+    relation_bias: bool = False  # attention bias between triples that share an entity (beyond the reference)
 
 
 @dataclass
@@ -80,6 +98,7 @@ class DeepSpeedSection:
 class EvalConfig:
     batch_size: int = 64
     retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    swap_tests: list[str] = field(default_factory=lambda: ["relation", "attribute"])  # on splits with sg.json
 
 
 @dataclass
@@ -87,6 +106,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -195,6 +215,11 @@ def validate(cfg: Config) -> None:
                        "train.warmup_steps": cfg.train.warmup_steps}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.method.name not in ("clip", "structure_clip"):
+        raise ConfigError(f"method.name must be clip or structure_clip, got {cfg.method.name!r}")
+    unknown = set(cfg.data.negatives) - {"relation", "attribute"}
+    if unknown:
+        raise ConfigError(f"data.negatives: unknown kind(s) {sorted(unknown)}; use relation and/or attribute")
     if cfg.data.train_upsampling_factors and not cfg.data.resampled:
         raise ConfigError("data.train_upsampling_factors needs data.resampled=true (as open_clip's flag does)")
     if cfg.data.train_upsampling_factors:

@@ -28,7 +28,7 @@ from kclip_ds.data.sources import DataError
 from kclip_ds.data.transforms import SampleDecoder
 from kclip_ds.eval.runner import evaluate
 from kclip_ds.logs import MetricsLog, setup_logging
-from kclip_ds.methods.clip import ClipMethod
+from kclip_ds.methods import build_method, uses_triples
 from kclip_ds.models.towers import ModelError, build_towers
 
 log = logging.getLogger("kclip_ds.train")
@@ -60,12 +60,14 @@ def run_training(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(derive_seed("init", cfg.train.seed))  # identical initial weights on every rank
 
     towers = build_towers(cfg.model)
-    decoder = SampleDecoder(towers.preprocess_train, towers.tokenizer, towers.image_size, towers.context_length)
+    triples = (cfg.method.max_triples, cfg.method.phrase_len) if uses_triples(cfg.method) else None
+    decoder = SampleDecoder(towers.preprocess_train, towers.tokenizer, towers.image_size, towers.context_length,
+                            negative_kinds=tuple(cfg.data.negatives), negative_seed=cfg.train.seed, triples=triples)
     stream = TrainStream(cfg.data.train, decoder, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                          num_workers=cfg.data.workers, seed=cfg.train.seed, resampled=cfg.data.resampled,
                          upsampling_factors=cfg.data.train_upsampling_factors, epoch_steps=cfg.data.epoch_steps,
                          shuffle_buffer=cfg.data.shuffle_buffer)
-    engine = eng.initialize(ClipMethod(towers.model), cfg, world, ds_config)
+    engine = eng.initialize(build_method(cfg.method, towers), cfg, world, ds_config)
     device, dtype = engine.device, eng.compute_dtype(engine)
 
     step = micro = corrupt_total = 0
@@ -88,13 +90,15 @@ def run_training(cfg: Config) -> dict[str, Any]:
              world * cfg.data.batch_size * cfg.train.grad_accum, stream.num_samples, stream.steps_per_epoch,
              "resampled" if cfg.data.resampled else "exact epochs", str(dtype).removeprefix("torch."))
 
-    def encode(images, texts):
-        return engine(images=images, texts=texts, mode="encode")
+    def encode(images, texts, batch_triples=None):
+        extra = {"triples": batch_triples} if triples is not None else {}
+        return engine(images=images, texts=texts, mode="encode", **extra)
 
     def run_eval() -> dict[str, float]:
         engine.eval()
         results = evaluate(encode, towers, cfg.data, cfg.eval, split="val", split_spec=cfg.data.val,
-                           zeroshot_spec=cfg.data.zeroshot, rank=rank, world_size=world, device=device, dtype=dtype)
+                           zeroshot_spec=cfg.data.zeroshot, rank=rank, world_size=world, device=device, dtype=dtype,
+                           triples=triples)
         engine.train()
         if results:
             metrics.eval(step, results)
@@ -120,7 +124,10 @@ def run_training(cfg: Config) -> dict[str, Any]:
             micro += 1
             corrupt_keys += batch.corrupt_keys
             b = batch.to(device, dtype)
-            out = engine(images=b.images, texts=b.texts, valid=b.valid)
+            extra = {} if triples is None else {
+                "triples": b.triples, "warmup": batch.epoch == 0 and step < cfg.method.warmup_steps}
+            out = engine(images=b.images, texts=b.texts, valid=b.valid, neg_texts=b.neg_texts, neg_valid=b.neg_valid,
+                         **extra)
             engine.backward(out["loss"])
             engine.step()
             loss_sum += out["loss"].detach().float()

@@ -93,6 +93,8 @@ def common(data: Path, out: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
+STRUCTURE = {"method.name": "structure_clip", "data.negatives": "[relation,attribute]", "method.graph_width": 64,
+             "method.graph_heads": 2, "method.graph_layers": 1}
 ZERO_MATRIX = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
 
 
@@ -115,7 +117,12 @@ def runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
                                        "deepspeed.bf16": precision == "bf16", "data.workers": 1})})
     for name, extra in (("zero2_offload", {"deepspeed.config": "ds_configs/zero2_offload.json"}),
                         ("zero2_gradckpt", {"model.grad_checkpointing": True}),
-                        ("zero2_accum2", {"data.batch_size": 4, "train.grad_accum": 2})):
+                        ("zero2_accum2", {"data.batch_size": 4, "train.grad_accum": 2}),
+                        ("zero3_negclip", {"deepspeed.config": "ds_configs/zero3.json",
+                                           "data.negatives": "[relation,attribute]"}),
+                        ("zero2_structure", STRUCTURE),
+                        ("zero3_structure", {**STRUCTURE, "deepspeed.config": "ds_configs/zero3.json",
+                                             "method.relation_bias": True, "method.infonce_weight": 0.5})):
         configs.append({"name": name, "overrides": common(demo_data, root / name, **{
             "train.max_steps": 2, "data.workers": 1, **extra})})
     (root / "configs.json").write_text(json.dumps(configs))

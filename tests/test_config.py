@@ -51,3 +51,9 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert (REPO / cfg.deepspeed.config).is_file()

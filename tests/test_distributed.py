@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def test_loss_and_gradients_match_open_clip_on_one_process() -> None:
     proc = torchrun([str(REPO / "tests/dist/loss_equivalence.py")])
     assert_ok(proc)
-    assert proc.stdout.count("vs open_clip single process") == 2
+    assert proc.stdout.count("vs open_clip single process") == 2 and "negclip: loss" in proc.stdout
 
 
 def test_zero_stages_and_precisions_agree_on_the_first_step(runs: dict[str, Path]) -> None:
@@ -46,6 +46,12 @@ def test_offload_checkpointing_and_accumulation(runs: dict[str, Path]) -> None:
     assert sorted(accum) == [1, 2]  # steps count optimizer steps; each consumed two micro-batches
     state = (runs["zero2_accum2"] / "checkpoints/global_step2/kclip_complete.json").read_text()
     assert json.loads(state)["step"] == 2
+
+
+def test_negclip_trains_under_zero3(runs: dict[str, Path]) -> None:
+    negclip, plain = losses(runs["zero3_negclip"]), losses(runs["zero3_fp32"])
+    assert sorted(negclip) == [1, 2]
+    assert negclip[1] > plain[1]  # same init and batch, plus hard-negative columns: a larger first-step loss
 
 
 def test_keep_last_checkpoints(runs: dict[str, Path]) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from kclip_ds.config import ModelConfig
+from kclip_ds.config import MethodConfig, ModelConfig
 from kclip_ds.engine import CheckpointError
 from kclip_ds.export.convert import convert
 from kclip_ds.export.extras import load_extras, register_extra, save_extras
@@ -48,7 +48,7 @@ def kclip_outputs(run_dir: Path, images, captions) -> dict[str, torch.Tensor]:
     """Features and logits the way kclip_ds computes them: the run's method, its own preprocessing."""
     run = load_run(run_dir)
     towers = build_towers(run.cfg.model, load_weights=False)
-    method = build_method("clip", towers)
+    method = build_method(run.cfg.method, towers)
     method.load_state_dict(run.method_state)
     method.eval()
     with torch.no_grad():
@@ -160,7 +160,7 @@ class Gate(nn.Module):
 
 
 def test_knowledge_modules_round_trip(tmp_path: Path) -> None:
-    method = build_method("clip", build_towers(ModelConfig(arch="kclip-micro")))
+    method = build_method(MethodConfig(), build_towers(ModelConfig(arch="kclip-micro")))
     method.gate = Gate(32)
     meta = save_extras(tmp_path, method, "clip")
     assert meta["modules"] == {"gate": {"type": "test_gate", "config": {"dim": 32}}}

@@ -122,3 +122,15 @@ def test_missing_and_truncated_shards_are_named(tmp_path: Path, demo_data: Path,
     Path(url).write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"trunc/000000.tar .*(truncated|unreadable)"):
         list(itertools.islice(stream(url, decoder, batch=4, workers=0, shuffle_buffer=0).batches(0), 2))
+
+
+def test_structure_negatives_ride_along_with_the_batch(demo_data: Path) -> None:
+    towers = build_towers(ModelConfig(arch="kclip-micro"))
+    decoder = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size, towers.context_length,
+                            negative_kinds=("relation", "attribute"))
+    (batch,) = list(itertools.islice(stream(train_spec(demo_data), decoder, batch=16, workers=0).batches(0), 1))
+    assert batch.neg_texts.shape == batch.texts.shape and batch.neg_valid.shape == (16,)
+    assert batch.neg_valid.sum() >= 12  # every demo caption has a relation or two attributes to swap
+    rows = batch.neg_valid.nonzero(as_tuple=True)[0]
+    assert not torch.equal(batch.neg_texts[rows], batch.texts[rows])
+    assert (batch.neg_texts[~batch.neg_valid] == 0).all()

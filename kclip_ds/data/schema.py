@@ -31,6 +31,7 @@ class Batch:
     labels: [B] int64 class indices (zero-shot splits) or None
     scene_graphs: per-row parsed ``sg.json`` (None where a sample has none) or None
     corrupt_keys: keys of samples dropped from this batch because they failed to decode
+    neg_texts, neg_valid: structure hard negatives made on the fly from sg.json (NegCLIP / Structure-CLIP)
     epoch, step_in_epoch: where this batch sits in the data stream (for logs and resume checks)
     """
 
@@ -41,6 +42,9 @@ class Batch:
     labels: torch.Tensor | None = None
     scene_graphs: list[Any] | None = None
     corrupt_keys: list[str] = field(default_factory=list)
+    neg_texts: torch.Tensor | None = None  # [B, L] hard-negative captions (zeros where a sample has none)
+    neg_valid: torch.Tensor | None = None  # [B] bool: the sample has a negative (losses mask the others)
+    triples: dict[str, torch.Tensor] | None = None  # scene-graph triples: heads_ids/rels_ids/tails_ids [B,T,P], …
     epoch: int = 0
     step_in_epoch: int = 0
 
@@ -65,5 +69,7 @@ class Batch:
             if isinstance(value, torch.Tensor):
                 dtype = float_dtype if (float_dtype is not None and value.is_floating_point()) else None
                 value = value.to(device=device, dtype=dtype)
+            elif isinstance(value, dict):
+                value = {k: v.to(device=device) for k, v in value.items()}
             moved[f.name] = value
         return Batch(**moved)

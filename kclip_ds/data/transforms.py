@@ -15,6 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from kclip_ds.data.schema import IMAGE_EXTENSIONS, Batch
+from kclip_ds.knowledge.negatives import sample_negative
+from kclip_ds.models.graph import tokenize_triples
 
 
 class CorruptSample(ValueError):
@@ -29,12 +31,17 @@ class SampleDecoder:
     """
 
     def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
-                 image_size: int, context_length: int, with_labels: bool = False):
+                 image_size: int, context_length: int, with_labels: bool = False,
+                 negative_kinds: tuple[str, ...] = (), negative_seed: int = 0,
+                 triples: tuple[int, int] | None = None):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.context_length = context_length
         self.with_labels = with_labels
+        self.negative_kinds = negative_kinds  # e.g. ("relation", "attribute"): swap negatives from sg.json
+        self.negative_seed = negative_seed
+        self.triples = triples  # (max_triples, phrase_len): tokenize sg.json triples for the knowledge encoder
 
     def decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, str, int, Any]:
         """(image [3, H, W], caption, label or -1, scene graph or None); raises CorruptSample."""
@@ -87,6 +94,7 @@ class SampleDecoder:
         keys = [""] * batch_size
         graphs: list[Any] = [None] * batch_size
         captions: dict[int, str] = {}
+        negatives: dict[int, str] = {}
         corrupt = []
         for row, raw in enumerate(raws):
             keys[row] = raw.get("__key__", "?")
@@ -98,12 +106,33 @@ class SampleDecoder:
             assert image.shape == images.shape[1:], f"preprocessed image {tuple(image.shape)} != {tuple(images.shape[1:])}"
             images[row], labels[row], graphs[row], captions[row] = image, label, graph, caption
             valid[row] = True
+            if self.negative_kinds:
+                negative, _ = sample_negative(keys[row], epoch, caption, graph, kinds=self.negative_kinds,
+                                              seed=self.negative_seed)
+                if negative is not None:
+                    negatives[row] = negative
         if captions:
             rows = list(captions)
             texts[rows] = self.tokenizer([captions[r] for r in rows])
+        neg_texts = neg_valid = None
+        if self.negative_kinds:
+            neg_texts = torch.zeros_like(texts)
+            neg_valid = torch.zeros(batch_size, dtype=torch.bool)
+            if negatives:
+                rows = list(negatives)
+                neg_texts[rows] = self.tokenizer([negatives[r] for r in rows])
+                neg_valid[rows] = True
+        triples = None
+        if self.triples is not None:
+            max_triples, phrase_len = self.triples
+            per_row = [tokenize_triples(g if g is not None else {}, self.tokenizer, max_triples, phrase_len)
+                       for g in graphs]
+            triples = {name: torch.stack([r[name] for r in per_row]) for name in per_row[0]}
         return Batch(
+            triples=triples,
             images=images, texts=texts, valid=valid, keys=keys,
             labels=labels if self.with_labels else None,
             scene_graphs=graphs if any(g is not None for g in graphs) else None,
-            corrupt_keys=corrupt, epoch=epoch, step_in_epoch=step_in_epoch,
+            corrupt_keys=corrupt, neg_texts=neg_texts, neg_valid=neg_valid, epoch=epoch,
+            step_in_epoch=step_in_epoch,
         )

@@ -26,7 +26,7 @@ from kclip_ds.data.sources import DataError
 from kclip_ds.eval.runner import evaluate
 from kclip_ds.export.weights import load_run
 from kclip_ds.logs import setup_logging
-from kclip_ds.methods.clip import ClipMethod
+from kclip_ds.methods import build_method, uses_triples
 from kclip_ds.models.towers import ModelError, build_towers
 
 log = logging.getLogger("kclip_ds.eval")
@@ -43,7 +43,7 @@ def run_eval(run_dir: Path, split: str, tag: str, overrides: list[str]) -> dict[
     if split != "zeroshot" and not specs[split]:
         raise ConfigError(f"data.{split} is empty in {run_dir / 'config.yaml'}; pass data.{split}=<shards>")
     towers = build_towers(cfg.model, load_weights=False)
-    method = ClipMethod(towers.model)
+    method = build_method(cfg.method, towers)
     missing, unexpected = method.load_state_dict(run.method_state, strict=False)
     if missing or unexpected:
         raise eng.CheckpointError(f"checkpoint {run_dir / 'checkpoints' / tag} does not fit model.arch={cfg.model.arch}: "
@@ -52,12 +52,15 @@ def run_eval(run_dir: Path, split: str, tag: str, overrides: list[str]) -> dict[
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     method.to(device)
 
-    def encode(images, texts):
-        return method(images=images, texts=texts, mode="encode")
+    triples = (cfg.method.max_triples, cfg.method.phrase_len) if uses_triples(cfg.method) else None
+
+    def encode(images, texts, batch_triples=None):
+        extra = {"triples": batch_triples} if triples is not None else {}
+        return method(images=images, texts=texts, mode="encode", **extra)
 
     metrics = evaluate(encode, towers, cfg.data, cfg.eval, split=split, split_spec=specs[split],
                        zeroshot_spec=cfg.data.zeroshot, rank=rank, world_size=world, device=device,
-                       dtype=torch.float32)
+                       dtype=torch.float32, triples=triples)
     if rank == 0:
         out = run_dir / "eval" / f"{tag}_{split}.json"
         out.parent.mkdir(exist_ok=True)

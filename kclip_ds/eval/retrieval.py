@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from kclip_ds.data.schema import Batch
 
-EncodeFn = Callable[[torch.Tensor | None, torch.Tensor | None], dict]
+EncodeFn = Callable[..., dict]  # encode(images | None, texts | None[, triples]) -> {"image_features", "text_features"}
 
 
 def gather_valid_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ def encode_split(encode: EncodeFn, batches: Iterable[Batch], device: torch.devic
     images, texts, labels, valids = [], [], [], []
     for batch in batches:
         b = batch.to(device, dtype)
-        out = encode(b.images, b.texts if with_texts else None)
+        out = encode(b.images, b.texts, b.triples) if with_texts else encode(b.images, None)
         images.append(out["image_features"].float().cpu())
         if with_texts:
             texts.append(out["text_features"].float().cpu())

@@ -12,22 +12,32 @@ from kclip_ds.config import DataConfig, EvalConfig
 from kclip_ds.data.pipeline import eval_batches
 from kclip_ds.data.transforms import SampleDecoder
 from kclip_ds.eval.retrieval import EncodeFn, encode_split, retrieval_metrics
+from kclip_ds.eval.structure import swap_accuracy
 from kclip_ds.eval.zeroshot import build_classifier, load_classes, zeroshot_metrics
 from kclip_ds.models.towers import Towers
 
 
 def evaluate(encode: EncodeFn, towers: Towers, data: DataConfig, eval_cfg: EvalConfig, *, split: str,
              split_spec: str, zeroshot_spec: str, rank: int, world_size: int, device: torch.device,
-             dtype: torch.dtype) -> dict[str, float]:
+             dtype: torch.dtype, triples: tuple[int, int] | None = None) -> dict[str, float]:
     """Metrics named ``{split}/image_to_text_R@k``, ``{split}/text_to_image_R@k``, ``zeroshot/top1`` …"""
     metrics: dict[str, float] = {}
-    decoder = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size, towers.context_length)
+    decoder = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size, towers.context_length,
+                            triples=triples)
     if split_spec:
         batches = eval_batches(split_spec, decoder, rank=rank, world_size=world_size,
                                batch_size=eval_cfg.batch_size, num_workers=min(1, data.workers),
                                name=f"data.{split}")
         emb = encode_split(encode, batches, device, dtype)
         metrics.update(retrieval_metrics(emb["image"], emb["text"], eval_cfg.retrieval_ks, prefix=f"{split}/"))
+        for kind in eval_cfg.swap_tests:
+            swaps = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size, towers.context_length,
+                                  negative_kinds=(kind,))
+            batches = eval_batches(split_spec, swaps, rank=rank, world_size=world_size, batch_size=eval_cfg.batch_size,
+                                   num_workers=min(1, data.workers), name=f"data.{split}")
+            accuracy, scored = swap_accuracy(encode, batches, device, dtype)
+            if scored:
+                metrics[f"{split}/{kind}_swap_acc"] = accuracy
     if zeroshot_spec:
         classnames, templates = load_classes(zeroshot_spec)
         labelled = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size,

@@ -53,7 +53,7 @@ def convert(run_dir: str | Path, out: str | Path, tag: str = "latest", fmt: str 
     towers = build_towers(run.cfg.model, load_weights=False)
     arch = towers.arch
     model_cfg = open_clip.get_model_config(arch)
-    method = build_method("clip", towers)
+    method = build_method(run.cfg.method, towers)
     missing, unexpected = method.load_state_dict(run.method_state, strict=False)
     if missing or unexpected:
         raise ExportError(f"checkpoint {run.tag} of {run_dir} does not fit model.arch={arch}: missing {missing[:5]}, "
@@ -72,7 +72,7 @@ def convert(run_dir: str | Path, out: str | Path, tag: str = "latest", fmt: str 
             write_hf_processor(tmp, context_length=towers.context_length, **preprocess)
         else:
             write_open_clip(tmp, arch, model_cfg, towers_state, preprocess)
-        extras = save_extras(tmp, method, "clip")
+        extras = save_extras(tmp, method, run.cfg.method.name)
         provenance = {"run_dir": str(Path(run_dir).resolve()), "tag": run.tag, "format": fmt, "arch": arch,
                       "extras": sorted(extras["modules"])}
         (tmp / "kclip_export.json").write_text(json.dumps(provenance, indent=1) + "\n")

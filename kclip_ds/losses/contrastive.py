@@ -8,6 +8,10 @@ anchors nor candidates.  With all rows valid the value equals open_clip's on one
     L_r = W / (2·N_valid) · Σ_{i local, valid} [ CE(s·v_i·Cᵀ, i) + CE(s·c_i·Vᵀ, i) ]
 
 so the mean of L_r over ranks (what DeepSpeed's gradient averaging optimises) is the global loss.
+
+NegCLIP (Yuksekgonul et al.): hard-negative captions c⁻ are appended as extra text columns of the
+image→text logits, gathered across ranks like the captions (B × 2·W·B logits per rank); samples without
+a negative (neg_valid=False) contribute no column.  The text→image direction is unchanged.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ def gather_mask(valid: torch.Tensor) -> torch.Tensor:
 
 class ContrastiveLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
-        """image_features, text_features: [B, D] L2-normalised; logit_scale: exp(τ), [] or [1]; valid: [B] bool."""
+                valid: torch.Tensor | None = None, neg_text_features: torch.Tensor | None = None,
+                neg_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """image_features, text_features: [B, D] L2-normalised; logit_scale: exp(τ), [] or [1]; valid: [B] bool;
+        neg_text_features: [B, D] hard-negative captions (NegCLIP) with neg_valid: [B] bool, or None."""
         assert image_features.shape == text_features.shape, (
             f"image_features {tuple(image_features.shape)} != text_features {tuple(text_features.shape)}")
         batch = image_features.shape[0]
@@ -54,6 +60,14 @@ class ContrastiveLoss(nn.Module):
         scale = logit_scale.float().reshape(())
         column_mask = ~all_valid[None, :]
         logits_i2t = (scale * image_features @ all_texts.T).masked_fill(column_mask, float("-inf"))
+        if neg_text_features is not None:
+            assert neg_text_features.shape == text_features.shape, (
+                f"neg_text_features {tuple(neg_text_features.shape)} != text_features {tuple(text_features.shape)}")
+            assert neg_valid is not None and neg_valid.shape == (batch,), "neg_valid must be [B] with negatives"
+            all_negs = gather_features(neg_text_features.float())
+            neg_columns = ~(gather_mask(neg_valid & valid))[None, :]
+            logits_neg = (scale * image_features @ all_negs.T).masked_fill(neg_columns, float("-inf"))
+            logits_i2t = torch.cat([logits_i2t, logits_neg], dim=1)
         logits_t2i = (scale * text_features @ all_images.T).masked_fill(column_mask, float("-inf"))
         labels = torch.arange(batch, device=image_features.device) + rank * batch
         rows = valid.nonzero(as_tuple=True)[0]

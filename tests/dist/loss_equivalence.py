@@ -19,6 +19,8 @@ def main() -> int:
     torch.manual_seed(0)
     per_rank, d_in, d_out = 6, 5, 8
     x_img, x_txt = torch.randn(world * per_rank, d_in), torch.randn(world * per_rank, d_in)
+    x_neg = torch.randn(world * per_rank, d_in)
+    has_neg = torch.rand(world * per_rank) > 0.3
     w_img0, w_txt0 = torch.randn(d_in, d_out), torch.randn(d_in, d_out)
     failures = []
     for case, n_pad in (("all valid", 0), ("last 2 rows of the last rank padded", 2)):
@@ -53,10 +55,49 @@ def main() -> int:
                 failures.append(f"{case}: grad {name} max diff {(g - p.grad).abs().max().item():.3e}")
         if rank == 0:
             print(f"{case}: loss {mean_loss.item():.7f} vs open_clip single process {ref.item():.7f}")
+    failures += negclip_case(rank, world, per_rank, x_img, x_txt, x_neg, has_neg, w_img0, w_txt0)
     for f in failures:
         print(f"rank {rank}: MISMATCH {f}")
     dist.destroy_process_group()
     return 1 if failures else 0
+
+
+def negclip_reference(img, txt, neg, has_neg, scale) -> torch.Tensor:
+    """NegCLIP on one process: negatives as extra text columns of image→text (B × 2B), text→image unchanged."""
+    labels = torch.arange(img.shape[0])
+    i2t = torch.cat([scale * img @ txt.T, scale * img @ neg[has_neg].T], dim=1)
+    return (F.cross_entropy(i2t, labels) + F.cross_entropy(scale * txt @ img.T, labels)) / 2
+
+
+def negclip_case(rank, world, per_rank, x_img, x_txt, x_neg, has_neg, w_img0, w_txt0) -> list[str]:
+    params = [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(), torch.tensor([2.3], requires_grad=True)]
+    w_img, w_txt, scale = params
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    loss = ContrastiveLoss()(F.normalize(x_img[rows] @ w_img, dim=-1), F.normalize(x_txt[rows] @ w_txt, dim=-1),
+                             scale.exp(), torch.ones(per_rank, dtype=torch.bool),
+                             neg_text_features=F.normalize(x_neg[rows] @ w_txt, dim=-1), neg_valid=has_neg[rows])
+    loss.backward()
+    grads = [p.grad.clone() for p in params]
+    for g in grads:
+        dist.all_reduce(g)
+        g /= world
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    ref_params = [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(), torch.tensor([2.3], requires_grad=True)]
+    r_img, r_txt, r_scale = ref_params
+    ref = negclip_reference(F.normalize(x_img @ r_img, dim=-1), F.normalize(x_txt @ r_txt, dim=-1),
+                            F.normalize(x_neg @ r_txt, dim=-1), has_neg, r_scale.exp())
+    ref.backward()
+    failures = []
+    if not torch.allclose(mean_loss, ref.detach(), atol=1e-6, rtol=1e-6):
+        failures.append(f"negclip: loss {mean_loss.item()} != single process {ref.item()}")
+    for name, g, p in zip(("w_img", "w_txt", "logit_scale"), grads, ref_params):
+        if not torch.allclose(g, p.grad, atol=1e-6, rtol=1e-5):
+            failures.append(f"negclip: grad {name} max diff {(g - p.grad).abs().max().item():.3e}")
+    if rank == 0:
+        print(f"negclip: loss {mean_loss.item():.7f} vs single process {ref.item():.7f}")
+    return failures
 
 
 if __name__ == "__main__":
