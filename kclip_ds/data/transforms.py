@@ -1,7 +1,7 @@
 """Raw shard sample → tensors: open_clip's image preprocess and tokenizer, and the padded collate.
 
 Decoding is explicit per field (PIL for images, UTF-8 for text, ``json.loads`` for JSON): no
-webdataset auto-decoders, which would unpickle ``.pyd``/``.pickle`` members of a shard.
+webdataset auto-decoders, which would unpickle pickle-typed members of a shard.
 """
 
 from __future__ import annotations
