@@ -23,43 +23,62 @@ def main() -> int:
     has_neg = torch.rand(world * per_rank) > 0.3
     w_img0, w_txt0 = torch.randn(d_in, d_out), torch.randn(d_in, d_out)
     failures = []
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
     for case, n_pad in (("all valid", 0), ("last 2 rows of the last rank padded", 2)):
         valid = torch.ones(world * per_rank, dtype=torch.bool)
         if n_pad:
             valid[-n_pad:] = False
-        params = [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(),
-                  torch.tensor([2.3], requires_grad=True)]
+        params = fresh_params(w_img0, w_txt0)
         w_img, w_txt, scale = params
-        rows = slice(rank * per_rank, (rank + 1) * per_rank)
         loss = ContrastiveLoss()(F.normalize(x_img[rows] @ w_img, dim=-1), F.normalize(x_txt[rows] @ w_txt, dim=-1),
                                  scale.exp(), valid[rows])
-        loss.backward()
-        grads = [p.grad.clone() for p in params]
-        for g in grads:
-            dist.all_reduce(g)
-            g /= world  # DeepSpeed averages gradients over data-parallel ranks
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        mean_loss /= world
-
-        ref_params = [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(),
-                      torch.tensor([2.3], requires_grad=True)]
+        ref_params = fresh_params(w_img0, w_txt0)
         r_img, r_txt, r_scale = ref_params
         ref = ClipLoss()(F.normalize(x_img[valid] @ r_img, dim=-1), F.normalize(x_txt[valid] @ r_txt, dim=-1),
                          r_scale.exp())
-        ref.backward()
-        if not torch.allclose(mean_loss, ref.detach(), atol=1e-6, rtol=1e-6):
-            failures.append(f"{case}: loss {mean_loss.item()} != open_clip {ref.item()}")
-        for name, g, p in zip(("w_img", "w_txt", "logit_scale"), grads, ref_params):
-            if not torch.allclose(g, p.grad, atol=1e-6, rtol=1e-5):
-                failures.append(f"{case}: grad {name} max diff {(g - p.grad).abs().max().item():.3e}")
-        if rank == 0:
-            print(f"{case}: loss {mean_loss.item():.7f} vs open_clip single process {ref.item():.7f}")
-    failures += negclip_case(rank, world, per_rank, x_img, x_txt, x_neg, has_neg, w_img0, w_txt0)
+        failures += compare(case, "open_clip single process", loss, params, ref, ref_params, rank, world)
+
+    params = fresh_params(w_img0, w_txt0)
+    w_img, w_txt, scale = params
+    loss = ContrastiveLoss()(F.normalize(x_img[rows] @ w_img, dim=-1), F.normalize(x_txt[rows] @ w_txt, dim=-1),
+                             scale.exp(), torch.ones(per_rank, dtype=torch.bool),
+                             neg_text_features=F.normalize(x_neg[rows] @ w_txt, dim=-1), neg_valid=has_neg[rows])
+    ref_params = fresh_params(w_img0, w_txt0)
+    r_img, r_txt, r_scale = ref_params
+    ref = negclip_reference(F.normalize(x_img @ r_img, dim=-1), F.normalize(x_txt @ r_txt, dim=-1),
+                            F.normalize(x_neg @ r_txt, dim=-1), has_neg, r_scale.exp())
+    failures += compare("negclip", "single process", loss, params, ref, ref_params, rank, world)
     for f in failures:
         print(f"rank {rank}: MISMATCH {f}")
     dist.destroy_process_group()
     return 1 if failures else 0
+
+
+def fresh_params(w_img0: torch.Tensor, w_txt0: torch.Tensor) -> list[torch.Tensor]:
+    """Leaf copies of the two projections and a logit scale, so each side gets its own gradients."""
+    return [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(), torch.tensor([2.3], requires_grad=True)]
+
+
+def compare(case: str, reference: str, loss, params, ref, ref_params, rank: int, world: int) -> list[str]:
+    """Backward both; average the per-rank loss and gradients over ranks as DeepSpeed does; compare."""
+    loss.backward()
+    ref.backward()
+    grads = [p.grad.clone() for p in params]
+    for g in grads:
+        dist.all_reduce(g)
+        g /= world  # DeepSpeed averages gradients over data-parallel ranks
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    failures = []
+    if not torch.allclose(mean_loss, ref.detach(), atol=1e-6, rtol=1e-6):
+        failures.append(f"{case}: loss {mean_loss.item()} != {reference} {ref.item()}")
+    for name, g, p in zip(("w_img", "w_txt", "logit_scale"), grads, ref_params):
+        if not torch.allclose(g, p.grad, atol=1e-6, rtol=1e-5):
+            failures.append(f"{case}: grad {name} max diff {(g - p.grad).abs().max().item():.3e}")
+    if rank == 0:
+        print(f"{case}: loss {mean_loss.item():.7f} vs {reference} {ref.item():.7f}")
+    return failures
 
 
 def negclip_reference(img, txt, neg, has_neg, scale) -> torch.Tensor:
@@ -67,37 +86,6 @@ def negclip_reference(img, txt, neg, has_neg, scale) -> torch.Tensor:
     labels = torch.arange(img.shape[0])
     i2t = torch.cat([scale * img @ txt.T, scale * img @ neg[has_neg].T], dim=1)
     return (F.cross_entropy(i2t, labels) + F.cross_entropy(scale * txt @ img.T, labels)) / 2
-
-
-def negclip_case(rank, world, per_rank, x_img, x_txt, x_neg, has_neg, w_img0, w_txt0) -> list[str]:
-    params = [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(), torch.tensor([2.3], requires_grad=True)]
-    w_img, w_txt, scale = params
-    rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    loss = ContrastiveLoss()(F.normalize(x_img[rows] @ w_img, dim=-1), F.normalize(x_txt[rows] @ w_txt, dim=-1),
-                             scale.exp(), torch.ones(per_rank, dtype=torch.bool),
-                             neg_text_features=F.normalize(x_neg[rows] @ w_txt, dim=-1), neg_valid=has_neg[rows])
-    loss.backward()
-    grads = [p.grad.clone() for p in params]
-    for g in grads:
-        dist.all_reduce(g)
-        g /= world
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    mean_loss /= world
-    ref_params = [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(), torch.tensor([2.3], requires_grad=True)]
-    r_img, r_txt, r_scale = ref_params
-    ref = negclip_reference(F.normalize(x_img @ r_img, dim=-1), F.normalize(x_txt @ r_txt, dim=-1),
-                            F.normalize(x_neg @ r_txt, dim=-1), has_neg, r_scale.exp())
-    ref.backward()
-    failures = []
-    if not torch.allclose(mean_loss, ref.detach(), atol=1e-6, rtol=1e-6):
-        failures.append(f"negclip: loss {mean_loss.item()} != single process {ref.item()}")
-    for name, g, p in zip(("w_img", "w_txt", "logit_scale"), grads, ref_params):
-        if not torch.allclose(g, p.grad, atol=1e-6, rtol=1e-5):
-            failures.append(f"negclip: grad {name} max diff {(g - p.grad).abs().max().item():.3e}")
-    if rank == 0:
-        print(f"negclip: loss {mean_loss.item():.7f} vs single process {ref.item():.7f}")
-    return failures
 
 
 if __name__ == "__main__":
