@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kclip_ds.config import Config, ConfigError
+from kclip_ds.data.pipeline import STOP_SIGNALS
 from kclip_ds.data.shards import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, _frame) -> None:

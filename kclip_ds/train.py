@@ -49,6 +49,7 @@ def _check_layout(saved: dict[str, int], current: dict[str, int]) -> None:
 
 def run_training(cfg: Config) -> dict[str, Any]:
     """Train per ``cfg``; returns {"step", "stopped_by", "metrics"} (the same on every rank)."""
+    stopper = eng.StopSignal()  # first: a pre-emption signal during start-up is honoured at the first step
     eng.init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = eng.build_ds_config(cfg, world)  # a bad DeepSpeed JSON fails here, before any heavy work
@@ -110,7 +111,6 @@ def run_training(cfg: Config) -> dict[str, Any]:
         tag = eng.save_checkpoint(engine, ckpt_dir, step, state, cfg.train.keep_last)
         log.info("saved checkpoint %s", ckpt_dir / tag)
 
-    stopper = eng.StopSignal()
     stopped_by, last_eval = "max_steps", {}
     batches = stream.batches(start=micro)
     engine.train()

@@ -17,7 +17,18 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, ZERO_MATRIX, assert_ok, common, cpu_env, free_port, losses, python, torchrun
+from tests.conftest import (
+    REPO,
+    ZERO_MATRIX,
+    assert_ok,
+    common,
+    cpu_env,
+    free_port,
+    losses,
+    python,
+    run_group,
+    torchrun,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +79,17 @@ def test_resume_reproduces_the_straight_run_bit_for_bit(runs: dict[str, Path], d
     assert_ok(proc)
     assert "resumed from latest at step 4" in proc.stdout
     assert losses(half) == losses(runs["straight8"])  # exact float equality, all 8 steps
+
+
+def test_the_deepspeed_launcher_runs_the_same_training(runs: dict[str, Path], demo_data: Path,
+                                                        tmp_path: Path) -> None:
+    """`deepspeed --num_accelerators 2` (the README's launcher) gives torchrun's 8 losses exactly."""
+    out = tmp_path / "deepspeed8"
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_accelerators", "2", "--master_port",
+           str(free_port()), "--module", "kclip_ds.train", "--config", "configs/demo.yaml",
+           *common(demo_data, out, **{"train.max_steps": 8})]
+    assert_ok(run_group(cmd, timeout=300))
+    assert losses(out) == losses(runs["straight8"])
 
 
 def test_a_signal_stops_all_ranks_with_a_checkpoint_and_resume_matches(runs: dict[str, Path], demo_data: Path,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import random
 import signal
 import tarfile
@@ -29,6 +30,8 @@ from kclip_ds.data.sources import DataError, Shard, resolve_shards
 from kclip_ds.data.transforms import SampleDecoder
 
 log = logging.getLogger(__name__)
+# The trainer's pre-emption signals (kclip_ds.engine.StopSignal); data processes must survive them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
     # Pre-emption signals are for the trainer, which checkpoints and then shuts its workers down;
     # Slurm delivers them to every process of the step, and the default action would kill a worker.
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -148,6 +151,14 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     the pipeline and open_clip (transforms, tokenizer) once; each worker then starts in milliseconds."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["kclip_ds.data.pipeline", "open_clip"])
+    # Slurm signals every process of a job step, and USR1/TERM would kill the forkserver (and the resource
+    # tracker it starts) under the trainer's feet.  A blocked signal mask survives fork and exec: start both
+    # with the stop signals blocked, then unblock here, where one that arrived meanwhile is delivered.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return context
 
 

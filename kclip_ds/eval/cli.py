@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, type=Path, help="train.output_dir of the run")
     parser.add_argument("--split", default="val", help="val | test | zeroshot (zero-shot accuracy is added whenever data.zeroshot is set)")
     parser.add_argument("--tag", default="latest", help="checkpoint tag (default: latest)")
+    parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file (rank 0, atomically)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.test=path/{000..003}.tar")
     args = parser.parse_args(argv)
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if dist.get_rank() == 0:
         print(json.dumps(metrics, indent=1))
+        if args.out:
+            atomic_write_text(args.out, json.dumps(metrics, indent=1) + "\n")
     dist.barrier()
     dist.destroy_process_group()
     return 0
