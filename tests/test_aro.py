@@ -19,7 +19,8 @@ from PIL import Image
 
 from kclip_ds.eval import aro
 from kclip_ds.eval.aro import AroDataError, AroItem
-from kclip_ds.eval.structure import EvalModel, option_scores
+from kclip_ds.eval.model import EvalModel
+from kclip_ds.eval.structure import option_scores
 from kclip_ds.knowledge.negatives import aro_pre_caption, negative_rng, tokenize
 from tests.conftest import REPO, assert_ok, common, python
 

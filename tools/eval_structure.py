@@ -96,7 +96,8 @@ def load_datasets(args: argparse.Namespace) -> tuple[dict, dict]:
 def evaluate(args: argparse.Namespace) -> dict:
     from kclip_ds.data.shards import atomic_write_text
     from kclip_ds.eval import aro
-    from kclip_ds.eval.structure import demo_swap_metrics, evaluate_aro, load_eval_model
+    from kclip_ds.eval.model import load_eval_model
+    from kclip_ds.eval.structure import demo_swap_metrics, evaluate_aro
 
     dropped = aro.ARO_DROPPED_RELATIONS
     if args.dropped_relations:

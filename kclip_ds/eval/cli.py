@@ -23,11 +23,12 @@ from kclip_ds import engine as eng
 from kclip_ds.config import ConfigError
 from kclip_ds.data.shards import atomic_write_text
 from kclip_ds.data.sources import DataError
+from kclip_ds.eval.model import eval_model
 from kclip_ds.eval.runner import evaluate
 from kclip_ds.export.weights import load_run
 from kclip_ds.logs import setup_logging
-from kclip_ds.methods import build_method, uses_triples
-from kclip_ds.models.towers import ModelError, build_towers
+from kclip_ds.methods import uses_triples
+from kclip_ds.models.towers import ModelError
 
 log = logging.getLogger("kclip_ds.eval")
 
@@ -42,24 +43,10 @@ def run_eval(run_dir: Path, split: str, tag: str, overrides: list[str]) -> dict[
         raise ConfigError(f"--split must be one of {', '.join(specs)}, got {split!r}")
     if split != "zeroshot" and not specs[split]:
         raise ConfigError(f"data.{split} is empty in {run_dir / 'config.yaml'}; pass data.{split}=<shards>")
-    towers = build_towers(cfg.model, load_weights=False)
-    method = build_method(cfg.method, towers)
-    missing, unexpected = method.load_state_dict(run.method_state, strict=False)
-    if missing or unexpected:
-        raise eng.CheckpointError(f"checkpoint {run_dir / 'checkpoints' / tag} does not fit model.arch={cfg.model.arch}: "
-                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    method.eval()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    method.to(device)
-
+    model = eval_model(run, run_dir)
     triples = (cfg.method.max_triples, cfg.method.phrase_len) if uses_triples(cfg.method) else None
-
-    def encode(images, texts, batch_triples=None):
-        extra = {"triples": batch_triples} if triples is not None else {}
-        return method(images=images, texts=texts, mode="encode", **extra)
-
-    metrics = evaluate(encode, towers, cfg.data, cfg.eval, split=split, split_spec=specs[split],
-                       zeroshot_spec=cfg.data.zeroshot, rank=rank, world_size=world, device=device,
+    metrics = evaluate(model.encode, model.towers, cfg.data, cfg.eval, split=split, split_spec=specs[split],
+                       zeroshot_spec=cfg.data.zeroshot, rank=rank, world_size=world, device=model.device,
                        dtype=torch.float32, triples=triples)
     if rank == 0:
         out = run_dir / "eval" / f"{tag}_{split}.json"

@@ -8,22 +8,19 @@ compare methods on what their towers learned.  All ranks take part; all return t
 
 The same text-tower-only scoring serves ARO's multiple-choice items (eval/aro.py): :func:`option_scores`
 encodes each distinct image and each distinct token sequence once and returns image · option for every
-item, in one process.  :func:`load_eval_model` is kclip-eval's run → method → ``encode`` path, single-process.
+item, in one process, with a run loaded by :func:`kclip_ds.eval.model.load_eval_model`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from PIL import UnidentifiedImageError
 
-from kclip_ds import engine as eng
-from kclip_ds.config import Config, ConfigError
+from kclip_ds.config import ConfigError
 from kclip_ds.data.pipeline import eval_batches
 from kclip_ds.data.schema import Batch
 from kclip_ds.data.transforms import SampleDecoder
@@ -37,10 +34,8 @@ from kclip_ds.eval.aro import (
     load_item_image,
     score_dataset,
 )
+from kclip_ds.eval.model import EvalModel
 from kclip_ds.eval.retrieval import EncodeFn
-from kclip_ds.export.weights import load_run
-from kclip_ds.methods import build_method, uses_triples
-from kclip_ds.models.towers import Towers, build_towers
 
 log = logging.getLogger(__name__)
 
@@ -66,42 +61,6 @@ def swap_accuracy(encode: EncodeFn, batches: Iterable[Batch], device: torch.devi
         dist.all_reduce(correct)
     total = int(correct[1])
     return (float(correct[0] / total) if total else float("nan")), total
-
-
-@dataclass
-class EvalModel:
-    encode: EncodeFn  # encode(images | None, texts | None) → {"image_features", "text_features"} (L2-normed)
-    towers: Towers  # preprocess_val and tokenizer of the run's arch
-    cfg: Config  # the run's config.yaml (+ overrides)
-    tag: str
-    device: torch.device
-
-
-def load_eval_model(run_dir: str | Path, tag: str = "latest", overrides: list[str] | None = None,
-                    device: str = "auto") -> EvalModel:
-    """A run's checkpoint in its method, in eval mode on ``device`` (auto: cuda when available), as kclip-eval
-    loads it; ``encode`` goes through ``forward(mode="encode")`` without knowledge input (text tower only)."""
-    run = load_run(run_dir, tag, overrides)
-    towers = build_towers(run.cfg.model, load_weights=False)
-    method = build_method(run.cfg.method, towers)
-    missing, unexpected = method.load_state_dict(run.method_state, strict=False)
-    if missing or unexpected:
-        raise eng.CheckpointError(f"checkpoint {Path(run_dir) / 'checkpoints' / run.tag} does not fit "
-                                  f"model.arch={run.cfg.model.arch}: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
-    method.eval().to(dev)
-    knowledge = uses_triples(run.cfg.method)
-
-    def encode(images, texts, batch_triples=None):
-        extra = {"triples": batch_triples} if knowledge else {}
-        return method(images=images, texts=texts, mode="encode", **extra)
-    log.info("evaluating %s tag %s (%s, %s) on %s", run_dir, run.tag, run.cfg.method.name, towers.arch, dev)
-    return EvalModel(encode, towers, run.cfg, run.tag, dev)
 
 
 class _ItemImages(torch.utils.data.Dataset):
