@@ -85,6 +85,8 @@ class MethodConfig:
     graph_layers: int = 2
     graph_heads: int = 4
     relation_bias: bool = False  # attention bias between triples that share an entity (beyond the reference)
+    fused_loss: bool = False  # InfoNCE and hinge in tiles, O(B) memory, no B × N logits (kclip_ds/kernels)
+    loss_tile: int = 1024  # rows and columns per tile of the fused losses (bench/loss_memory.py --tiles)
 
 
 @dataclass
@@ -206,6 +208,7 @@ def validate(cfg: Config) -> None:
         "train.grad_accum": cfg.train.grad_accum,
         "train.log_every": cfg.train.log_every,
         "train.keep_last": cfg.train.keep_last,
+        "method.loss_tile": cfg.method.loss_tile,
     }
     for key, value in positive.items():
         if value < 1:

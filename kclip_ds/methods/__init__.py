@@ -14,7 +14,7 @@ from kclip_ds.methods.structure_clip import StructureClipMethod
 
 def build_method(cfg: MethodConfig, towers) -> nn.Module:
     if cfg.name == "clip":
-        return ClipMethod(towers.model)
+        return ClipMethod(towers.model, cfg)
     if cfg.name == "structure_clip":
         return StructureClipMethod(towers.model, cfg)
     raise ValueError(f"unknown method.name '{cfg.name}' (known: clip, structure_clip)")

@@ -9,19 +9,26 @@ inside hooked forwards), with two modes: "loss" â†’ {"loss", "logs"}, "encode" â
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
-from kclip_ds.losses.contrastive import ContrastiveLoss
+from kclip_ds.config import MethodConfig
+from kclip_ds.kernels import build_contrastive_loss, loss_path
 
 MAX_LOGIT_SCALE = 100.0
+log = logging.getLogger(__name__)
 
 
 class ClipMethod(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, cfg: MethodConfig | None = None):
+        """cfg: only ``fused_loss``/``loss_tile`` are read here (None: the defaults, the dense loss)."""
         super().__init__()
+        cfg = cfg if cfg is not None else MethodConfig()
         self.model = model
-        self.contrastive = ContrastiveLoss()
+        self.contrastive = build_contrastive_loss(cfg.fused_loss, cfg.loss_tile)
+        log.info("contrastive loss: %s", loss_path(cfg.fused_loss, cfg.loss_tile))
 
     def forward(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None, neg_texts: torch.Tensor | None = None,

@@ -12,15 +12,18 @@ warm-up).  L_neg (margin 0.1) compares each image with its caption and the capti
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from kclip_ds.config import MethodConfig
-from kclip_ds.losses.contrastive import ContrastiveLoss
-from kclip_ds.losses.ranking import MaxViolationHinge, NegativeMarginLoss
+from kclip_ds.kernels import build_contrastive_loss, build_hinge, loss_path
+from kclip_ds.losses.ranking import NegativeMarginLoss
 from kclip_ds.models.graph import TripleEncoder
 
 MAX_LOGIT_SCALE = 100.0
+log = logging.getLogger(__name__)
 
 
 class StructureClipMethod(nn.Module):
@@ -33,9 +36,12 @@ class StructureClipMethod(nn.Module):
                                             layers=cfg.graph_layers, heads=cfg.graph_heads,
                                             max_triples=cfg.max_triples, relation_bias=cfg.relation_bias)
         self.lambda_k, self.neg_weight, self.infonce_weight = cfg.lambda_k, cfg.neg_weight, cfg.infonce_weight
-        self.hinge = MaxViolationHinge(margin=cfg.hinge_margin)
-        self.negative = NegativeMarginLoss(margin=cfg.neg_margin)
-        self.contrastive = ContrastiveLoss()
+        self.hinge = build_hinge(cfg.hinge_margin, cfg.fused_loss, cfg.loss_tile)
+        self.negative = NegativeMarginLoss(margin=cfg.neg_margin)  # O(B·D) already: nothing to tile
+        self.contrastive = build_contrastive_loss(cfg.fused_loss, cfg.loss_tile)
+        log.info("ranking loss: %s", loss_path(cfg.fused_loss, cfg.loss_tile))
+        if self.infonce_weight:
+            log.info("contrastive loss: %s", loss_path(cfg.fused_loss, cfg.loss_tile))
 
     def forward(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None, neg_texts: torch.Tensor | None = None,
