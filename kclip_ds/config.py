@@ -85,6 +85,7 @@ class MethodConfig:
     graph_layers: int = 2
     graph_heads: int = 4
     relation_bias: bool = False  # attention bias between triples that share an entity (beyond the reference)
+    graph_grad_checkpointing: bool = False  # recompute the graph encoder's layers in backward (towers: model.*)
     fused_loss: bool = False  # InfoNCE and hinge in tiles, O(B) memory, no B × N logits (kclip_ds/kernels)
     loss_tile: int = 1024  # rows and columns per tile of the fused losses (bench/loss_memory.py --tiles)
 

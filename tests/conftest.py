@@ -95,6 +95,8 @@ def common(data: Path, out: Path, **extra: object) -> list[str]:
 
 STRUCTURE = {"method.name": "structure_clip", "data.negatives": "[relation,attribute]", "method.graph_width": 64,
              "method.graph_heads": 2, "method.graph_layers": 1}
+ZERO3_STRUCTURE = {**STRUCTURE, "deepspeed.config": "ds_configs/zero3.json", "method.relation_bias": True,
+                   "method.infonce_weight": 0.5}
 ZERO_MATRIX = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
 
 
@@ -121,8 +123,9 @@ def runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
                         ("zero3_negclip", {"deepspeed.config": "ds_configs/zero3.json",
                                            "data.negatives": "[relation,attribute]"}),
                         ("zero2_structure", STRUCTURE),
-                        ("zero3_structure", {**STRUCTURE, "deepspeed.config": "ds_configs/zero3.json",
-                                             "method.relation_bias": True, "method.infonce_weight": 0.5})):
+                        ("zero3_structure", ZERO3_STRUCTURE),
+                        ("zero3_structure_ckpt", {**ZERO3_STRUCTURE, "model.grad_checkpointing": True,
+                                                  "method.graph_grad_checkpointing": True})):
         configs.append({"name": name, "overrides": common(demo_data, root / name, **{
             "train.max_steps": 2, "data.workers": 1, **extra})})
     (root / "configs.json").write_text(json.dumps(configs))

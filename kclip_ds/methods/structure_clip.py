@@ -35,6 +35,7 @@ class StructureClipMethod(nn.Module):
         self.triple_encoder = TripleEncoder(token_dim=token_dim, width=cfg.graph_width, out_dim=embed_dim,
                                             layers=cfg.graph_layers, heads=cfg.graph_heads,
                                             max_triples=cfg.max_triples, relation_bias=cfg.relation_bias)
+        self.triple_encoder.set_grad_checkpointing(cfg.graph_grad_checkpointing)
         self.lambda_k, self.neg_weight, self.infonce_weight = cfg.lambda_k, cfg.neg_weight, cfg.infonce_weight
         self.hinge = build_hinge(cfg.hinge_margin, cfg.fused_loss, cfg.loss_tile)
         self.negative = NegativeMarginLoss(margin=cfg.neg_margin)  # O(B·D) already: nothing to tile
