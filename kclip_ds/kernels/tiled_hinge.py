@@ -18,7 +18,6 @@ between them and the argmax here gives it all to the first; values are the same.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,6 +30,7 @@ from kclip_ds.kernels.tiled_infonce import (
     zero_padding,
 )
 from kclip_ds.losses.contrastive import gather_features, gather_mask
+from kclip_ds.losses.ranking import _check_mask, _world_and_rank
 
 
 def valid_rows(valid: torch.Tensor) -> torch.Tensor | slice:
@@ -128,12 +128,8 @@ class TiledMaxViolationHinge(nn.Module):
         assert text_features.shape == image_features.shape, (
             f"text_features {tuple(text_features.shape)} != image_features {tuple(image_features.shape)}")
         batch = image_features.shape[0]
-        if valid is None:
-            valid = torch.ones(batch, dtype=torch.bool, device=image_features.device)
-        assert valid.shape == (batch,), f"valid must be [{batch}], got {tuple(valid.shape)}"
-        assert valid.dtype == torch.bool, f"valid must be bool, got {valid.dtype}"
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        rank = dist.get_rank() if world > 1 else 0
+        valid = _check_mask(valid, "valid", batch, image_features.device)
+        world, rank = _world_and_rank()
 
         v, t = image_features.float(), text_features.float()
         all_valid = gather_mask(valid)
