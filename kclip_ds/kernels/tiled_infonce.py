@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kclip_ds.losses.contrastive import gather_features, gather_mask
+from kclip_ds.losses.contrastive import check_pair, gather_features, gather_mask
 
 NEG_INF = float("-inf")
 
@@ -216,13 +216,8 @@ class TiledContrastiveLoss(nn.Module):
         """image_features, text_features: [B, D] L2-normalised; logit_scale: exp(τ), [] or [1];
         valid: [B] bool; neg_text_features: [B, D] hard-negative captions (NegCLIP) with neg_valid: [B] bool,
         or None."""
-        assert image_features.shape == text_features.shape, (
-            f"image_features {tuple(image_features.shape)} != text_features {tuple(text_features.shape)}")
+        valid, world = check_pair(image_features, text_features, valid)
         batch = image_features.shape[0]
-        if valid is None:
-            valid = torch.ones(batch, dtype=torch.bool, device=image_features.device)
-        assert valid.shape == (batch,), f"valid must be [{batch}], got {tuple(valid.shape)}"
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
         # Upcast before the gather, as the dense loss does, so cross-rank gradient sums are fp32 too.
         image_features, text_features = image_features.float(), text_features.float()

@@ -30,6 +30,18 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(features), dim=0)
 
 
+def check_pair(image_features: torch.Tensor, text_features: torch.Tensor,
+               valid: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Shapes checked; ``valid`` defaulted to all rows; returns (valid, world size)."""
+    assert image_features.shape == text_features.shape, (
+        f"image_features {tuple(image_features.shape)} != text_features {tuple(text_features.shape)}")
+    batch = image_features.shape[0]
+    if valid is None:
+        valid = torch.ones(batch, dtype=torch.bool, device=image_features.device)
+    assert valid.shape == (batch,), f"valid must be [{batch}], got {tuple(valid.shape)}"
+    return valid, (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+
+
 def gather_mask(valid: torch.Tensor) -> torch.Tensor:
     """[B] bool on each rank → [W·B] bool (no gradient)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -45,13 +57,8 @@ class ContrastiveLoss(nn.Module):
                 neg_valid: torch.Tensor | None = None) -> torch.Tensor:
         """image_features, text_features: [B, D] L2-normalised; logit_scale: exp(τ), [] or [1]; valid: [B] bool;
         neg_text_features: [B, D] hard-negative captions (NegCLIP) with neg_valid: [B] bool, or None."""
-        assert image_features.shape == text_features.shape, (
-            f"image_features {tuple(image_features.shape)} != text_features {tuple(text_features.shape)}")
+        valid, world = check_pair(image_features, text_features, valid)
         batch = image_features.shape[0]
-        if valid is None:
-            valid = torch.ones(batch, dtype=torch.bool, device=image_features.device)
-        assert valid.shape == (batch,), f"valid must be [{batch}], got {tuple(valid.shape)}"
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
 
         image_features, text_features = image_features.float(), text_features.float()
