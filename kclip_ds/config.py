@@ -53,6 +53,7 @@ class DataConfig:
     val: str = ""
     test: str = ""
     zeroshot: str = ""  # shards with `cls`; class names + templates in classes.json beside them
+    zeroshot_extra: list[str] = field(default_factory=list)  # more zero-shot sets as "name=shards" (metrics name/top1)
     batch_size: int = 32  # per rank
     workers: int = 2
     resampled: bool = False  # False: exact epochs; True: sample shards with replacement
@@ -72,7 +73,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "clip"  # clip (NegCLIP when data.negatives is set) | structure_clip
+    name: str = "clip"  # clip (NegCLIP when data.negatives is set) | structure_clip | knowledge_clip
     lambda_k: float = 0.2  # Structure-CLIP: t = c + lambda_k * k
     hinge_margin: float = 0.2
     neg_margin: float = 0.1
@@ -88,6 +89,18 @@ class MethodConfig:
     graph_grad_checkpointing: bool = False  # recompute the graph encoder's layers in backward (towers: model.*)
     fused_loss: bool = False  # InfoNCE and hinge in tiles, O(B) memory, no B × N logits (kclip_ds/kernels)
     loss_tile: int = 1024  # rows and columns per tile of the fused losses (bench/loss_memory.py --tiles)
+    # Knowledge-CLIP (docs/METHODS.md records why each choice): objective weights, 0 turns one off
+    clip_weight: float = 1.0  # InfoNCE on the image–caption pairs of the batch
+    e2e_weight: float = 1.0  # masked head/tail -> the true entity among the global batch's entities
+    e2r_weight: float = 1.0  # masked relation -> its relation (classify and/or contrast, e2r_mode)
+    e2r_mode: str = "both"  # classify | contrast | both
+    g2e_weight: float = 1.0  # entity neighbourhood graph -> the entity's own embedding
+    kd_weight: float = 1.0  # KL(teacher || student) of the image–text similarity distributions
+    kd_teacher: str = "online"  # online: a frozen copy of the initial towers; features: teacher.npy in the shards
+    kd_teacher_dtype: str = "bf16"  # bf16 | fp32 (the online teacher's weights and compute)
+    objective_ramp_steps: int = 0  # the knowledge objectives' weights ramp linearly from 0 over these steps
+    neighbour_edges: int = 8  # G2E: neighbourhood edges per entity given to the graph encoder
+    relations: list[str] = field(default_factory=list)  # E2R vocabulary; empty: from the triplet shards' manifests
 
 
 @dataclass
@@ -219,8 +232,18 @@ def validate(cfg: Config) -> None:
                        "train.warmup_steps": cfg.train.warmup_steps}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
-    if cfg.method.name not in ("clip", "structure_clip"):
-        raise ConfigError(f"method.name must be clip or structure_clip, got {cfg.method.name!r}")
+    if cfg.method.name not in ("clip", "structure_clip", "knowledge_clip"):
+        raise ConfigError(f"method.name must be clip, structure_clip or knowledge_clip, got {cfg.method.name!r}")
+    choices = {"method.e2r_mode": (cfg.method.e2r_mode, ("classify", "contrast", "both")),
+               "method.kd_teacher": (cfg.method.kd_teacher, ("online", "features")),
+               "method.kd_teacher_dtype": (cfg.method.kd_teacher_dtype, ("bf16", "fp32"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    for item in cfg.data.zeroshot_extra:
+        if "=" not in item or not item.split("=", 1)[0] or not item.split("=", 1)[1]:
+            raise ConfigError(f"data.zeroshot_extra: {item!r} is not of the form name=shards "
+                              f"(e.g. zeroshot_hypernym=data/fashion/zeroshot_hypernym/000000.tar)")
     unknown = set(cfg.data.negatives) - {"relation", "attribute"}
     if unknown:
         raise ConfigError(f"data.negatives: unknown kind(s) {sorted(unknown)}; use relation and/or attribute")

@@ -28,7 +28,8 @@ from kclip_ds.data.sources import DataError
 from kclip_ds.data.transforms import SampleDecoder
 from kclip_ds.eval.runner import evaluate
 from kclip_ds.logs import MetricsLog, setup_logging
-from kclip_ds.methods import build_method, uses_triples
+from kclip_ds.knowledge.triplet_batch import TripletRows, TripletSpec, relation_vocabulary
+from kclip_ds.methods import build_method, method_inputs, uses_triples
 from kclip_ds.models.towers import ModelError, build_towers
 
 log = logging.getLogger("kclip_ds.train")
@@ -55,6 +56,12 @@ def run_training(cfg: Config) -> dict[str, Any]:
     ds_config = eng.build_ds_config(cfg, world)  # a bad DeepSpeed JSON fails here, before any heavy work
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
+    if cfg.method.name == "knowledge_clip" and not cfg.method.relations:  # recorded in config.yaml for eval/export
+        cfg.method.relations = list(relation_vocabulary(cfg.data.train))
+        if not cfg.method.relations:
+            raise ConfigError(f"method.name=knowledge_clip: no triplet shards in data.train={cfg.data.train!r} "
+                              f"(no manifest with kind 'triplets'); add them (tools/import_kg.py) or set "
+                              f"method.relations")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -62,8 +69,15 @@ def run_training(cfg: Config) -> dict[str, Any]:
 
     towers = build_towers(cfg.model)
     triples = (cfg.method.max_triples, cfg.method.phrase_len) if uses_triples(cfg.method) else None
+    knowledge = None
+    if cfg.method.name == "knowledge_clip":
+        spec = TripletSpec(tuple(cfg.method.relations), cfg.method.neighbour_edges, cfg.method.phrase_len,
+                           cfg.train.seed)
+        knowledge = TripletRows(spec, towers.preprocess_train, towers.tokenizer, towers.image_size,
+                                towers.context_length)
     decoder = SampleDecoder(towers.preprocess_train, towers.tokenizer, towers.image_size, towers.context_length,
-                            negative_kinds=tuple(cfg.data.negatives), negative_seed=cfg.train.seed, triples=triples)
+                            negative_kinds=tuple(cfg.data.negatives), negative_seed=cfg.train.seed, triples=triples,
+                            knowledge=knowledge)
     stream = TrainStream(cfg.data.train, decoder, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                          num_workers=cfg.data.workers, seed=cfg.train.seed, resampled=cfg.data.resampled,
                          upsampling_factors=cfg.data.train_upsampling_factors, epoch_steps=cfg.data.epoch_steps,
@@ -98,7 +112,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
     def run_eval() -> dict[str, float]:
         engine.eval()
         results = evaluate(encode, towers, cfg.data, cfg.eval, split="val", split_spec=cfg.data.val,
-                           zeroshot_spec=cfg.data.zeroshot, rank=rank, world_size=world, device=device, dtype=dtype,
+                           zeroshot_spec=cfg.data.zeroshot, zeroshot_extra=cfg.data.zeroshot_extra,
+                           rank=rank, world_size=world, device=device, dtype=dtype,
                            triples=triples)
         engine.train()
         if results:
@@ -124,10 +139,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
             micro += 1
             corrupt_keys += batch.corrupt_keys
             b = batch.to(device, dtype)
-            extra = {} if triples is None else {
-                "triples": b.triples, "warmup": batch.epoch == 0 and step < cfg.method.warmup_steps}
             out = engine(images=b.images, texts=b.texts, valid=b.valid, neg_texts=b.neg_texts, neg_valid=b.neg_valid,
-                         **extra)
+                         **method_inputs(cfg.method, b, step))
             engine.backward(out["loss"])
             engine.step()
             loss_sum += out["loss"].detach().float()
@@ -151,7 +164,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
             samples = cfg.data.batch_size * cfg.train.grad_accum
             metrics.train(step, {"epoch": (micro - 1) // stream.steps_per_epoch, "loss": loss, "lr": lr,
                                  "samples_per_s": samples * world / seconds, "samples_per_s_per_rank": samples / seconds,
-                                 "logit_scale": float(out["logs"]["logit_scale"])})
+                                 "logit_scale": float(out["logs"]["logit_scale"]),
+                                 **{k: float(v) for k, v in out["logs"].items() if k.startswith("loss_")}})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             last_eval = run_eval()
         if stop_requested or step == cfg.train.stop_after_steps:

@@ -74,6 +74,24 @@ def _read_segment(segment: planning.Segment) -> Iterator[dict[str, Any]]:
                         f"the shard is truncated or the manifest is stale — re-create the shards")
 
 
+def _mixed_sources(shards: list[Shard], seed: int, epoch: int, rank: int, logical: int) -> Iterator[dict[str, Any]]:
+    """Resampled mode: an endless stream in which each sample's source ('::'-separated part of the spec) is
+    drawn with probability ∝ Σ weight × count of its shards — the share that whole-shard resampling gives
+    on average, but mixed sample by sample, so that every batch holds every source (pairs and triplets)."""
+    by_source: dict[int, list[Shard]] = {}
+    for shard in shards:
+        by_source.setdefault(shard.source, []).append(shard)
+    streams = [itertools.chain.from_iterable(_read_segment(seg) for seg in planning.resampled_segments(
+        group, seed, epoch, rank, logical)) for group in by_source.values()]
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    weights = [sum(shard.weight * shard.count for shard in group) for group in by_source.values()]
+    rng = random.Random(planning.derive_seed("mix", seed, epoch, rank, logical))
+    while True:
+        yield next(streams[rng.choices(range(len(streams)), weights=weights)[0]])
+
+
 def _buffer_shuffle(samples: Iterable[dict[str, Any]], size: int, seed: int) -> Iterator[dict[str, Any]]:
     """Seeded reservoir shuffle over raw (undecoded) samples."""
     rng = random.Random(seed)
@@ -112,11 +130,9 @@ class ShardStream(IterableDataset):
         s = self.spec
         plan = self._plan(logical)
         if plan.segments is None:
-            segments: Iterable[planning.Segment] = planning.resampled_segments(
-                list(s.shards), s.seed, s.epoch, s.rank, logical)
+            samples = _mixed_sources(list(s.shards), s.seed, s.epoch, s.rank, logical)
         else:
-            segments = plan.segments
-        samples = itertools.chain.from_iterable(_read_segment(seg) for seg in segments)
+            samples = itertools.chain.from_iterable(_read_segment(seg) for seg in plan.segments)
         if plan.shuffle_seed is not None:
             samples = _buffer_shuffle(samples, s.shuffle_buffer, plan.shuffle_seed)
         return plan, samples

@@ -45,6 +45,8 @@ class Batch:
     neg_texts: torch.Tensor | None = None  # [B, L] hard-negative captions (zeros where a sample has none)
     neg_valid: torch.Tensor | None = None  # [B] bool: the sample has a negative (losses mask the others)
     triples: dict[str, torch.Tensor] | None = None  # scene-graph triples: heads_ids/rels_ids/tails_ids [B,T,P], …
+    knowledge: dict[str, torch.Tensor] | None = None  # KG triplet rows (kclip_ds.knowledge.triplet_batch), valid too
+    teacher: dict[str, torch.Tensor] | None = None  # precomputed teacher features: image/text [B, D], present [B]
     epoch: int = 0
     step_in_epoch: int = 0
 

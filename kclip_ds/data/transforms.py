@@ -15,7 +15,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from kclip_ds.data.schema import IMAGE_EXTENSIONS, Batch
+from kclip_ds.data.sources import DataError
 from kclip_ds.knowledge.negatives import sample_negative
+from kclip_ds.knowledge.triplet_batch import TRIPLET_MEMBER, TripletRows
 from kclip_ds.models.graph import tokenize_triples
 
 
@@ -33,7 +35,7 @@ class SampleDecoder:
     def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
                  image_size: int, context_length: int, with_labels: bool = False,
                  negative_kinds: tuple[str, ...] = (), negative_seed: int = 0,
-                 triples: tuple[int, int] | None = None):
+                 triples: tuple[int, int] | None = None, knowledge: TripletRows | None = None):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -42,6 +44,7 @@ class SampleDecoder:
         self.negative_kinds = negative_kinds  # e.g. ("relation", "attribute"): swap negatives from sg.json
         self.negative_seed = negative_seed
         self.triples = triples  # (max_triples, phrase_len): tokenize sg.json triples for the knowledge encoder
+        self.knowledge = knowledge  # knowledge-graph triplet rows (Knowledge-CLIP); None: triplets are an error
 
     def decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, str, int, Any]:
         """(image [3, H, W], caption, label or -1, scene graph or None); raises CorruptSample."""
@@ -96,8 +99,16 @@ class SampleDecoder:
         captions: dict[int, str] = {}
         negatives: dict[int, str] = {}
         corrupt = []
+        triplets: dict[int, dict[str, Any]] = {}
         for row, raw in enumerate(raws):
             keys[row] = raw.get("__key__", "?")
+            if TRIPLET_MEMBER in raw:
+                if self.knowledge is None:
+                    raise DataError(f"sample {keys[row]} is a knowledge-graph triplet ({TRIPLET_MEMBER}), but this "
+                                    f"method reads image–caption pairs only; use method.name=knowledge_clip or "
+                                    f"remove the triplet shards from the data spec")
+                triplets[row] = raw
+                continue
             try:
                 image, caption, label, graph = self.decode(raw)
             except CorruptSample as exc:
@@ -128,8 +139,15 @@ class SampleDecoder:
             per_row = [tokenize_triples(g if g is not None else {}, self.tokenizer, max_triples, phrase_len)
                        for g in graphs]
             triples = {name: torch.stack([r[name] for r in per_row]) for name in per_row[0]}
+        knowledge = None
+        if self.knowledge is not None:
+            try:
+                knowledge = self.knowledge.fill(triplets, batch_size, epoch)
+            except ValueError as exc:  # a malformed triplet sample: the message names it
+                raise DataError(f"{exc}; re-create the triplet shards (tools/import_kg.py)") from exc
+            valid |= knowledge["triplet"]
         return Batch(
-            triples=triples,
+            triples=triples, knowledge=knowledge,
             images=images, texts=texts, valid=valid, keys=keys,
             labels=labels if self.with_labels else None,
             scene_graphs=graphs if any(g is not None for g in graphs) else None,

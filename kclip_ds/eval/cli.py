@@ -46,7 +46,8 @@ def run_eval(run_dir: Path, split: str, tag: str, overrides: list[str]) -> dict[
     model = eval_model(run, run_dir)
     triples = (cfg.method.max_triples, cfg.method.phrase_len) if uses_triples(cfg.method) else None
     metrics = evaluate(model.encode, model.towers, cfg.data, cfg.eval, split=split, split_spec=specs[split],
-                       zeroshot_spec=cfg.data.zeroshot, rank=rank, world_size=world, device=model.device,
+                       zeroshot_spec=cfg.data.zeroshot, zeroshot_extra=cfg.data.zeroshot_extra,
+                           rank=rank, world_size=world, device=model.device,
                        dtype=torch.float32, triples=triples)
     if rank == 0:
         out = run_dir / "eval" / f"{tag}_{split}.json"

@@ -40,7 +40,7 @@ def eval_model(run: RunWeights, run_dir: str | Path, device: str = "auto") -> Ev
     """The method of a loaded run with its weights; ``encode`` goes through ``forward(mode="encode")`` (knowledge
     input only for methods that take triples and only when the caller passes them)."""
     towers = build_towers(run.cfg.model, load_weights=False)
-    method = build_method(run.cfg.method, towers)
+    method = build_method(run.cfg.method, towers, training=False)
     missing, unexpected = method.load_state_dict(run.method_state, strict=False)
     if missing or unexpected:
         raise eng.CheckpointError(f"checkpoint {Path(run_dir) / 'checkpoints' / run.tag} does not fit "

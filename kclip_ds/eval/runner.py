@@ -19,8 +19,10 @@ from kclip_ds.models.towers import Towers
 
 def evaluate(encode: EncodeFn, towers: Towers, data: DataConfig, eval_cfg: EvalConfig, *, split: str,
              split_spec: str, zeroshot_spec: str, rank: int, world_size: int, device: torch.device,
-             dtype: torch.dtype, triples: tuple[int, int] | None = None) -> dict[str, float]:
-    """Metrics named ``{split}/image_to_text_R@k``, ``{split}/text_to_image_R@k``, ``zeroshot/top1`` …"""
+             dtype: torch.dtype, triples: tuple[int, int] | None = None,
+             zeroshot_extra: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
+    """Metrics named ``{split}/image_to_text_R@k``, ``{split}/text_to_image_R@k``, ``zeroshot/top1`` …;
+    ``zeroshot_extra``: more zero-shot sets as "name=shards", reported as ``name/top1`` …"""
     metrics: dict[str, float] = {}
     decoder = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size, towers.context_length,
                             triples=triples)
@@ -38,15 +40,16 @@ def evaluate(encode: EncodeFn, towers: Towers, data: DataConfig, eval_cfg: EvalC
             accuracy, scored = swap_accuracy(encode, batches, device, dtype)
             if scored:
                 metrics[f"{split}/{kind}_swap_acc"] = accuracy
-    if zeroshot_spec:
-        classnames, templates = load_classes(zeroshot_spec)
+    zeroshot_sets = [("zeroshot", zeroshot_spec)] if zeroshot_spec else []
+    zeroshot_sets += [tuple(item.split("=", 1)) for item in zeroshot_extra]
+    for name, spec in zeroshot_sets:
+        classnames, templates = load_classes(spec)
         labelled = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size,
                                  towers.context_length, with_labels=True)
-        batches = eval_batches(zeroshot_spec, labelled, rank=rank, world_size=world_size,
-                               batch_size=eval_cfg.batch_size, num_workers=min(1, data.workers),
-                               name="data.zeroshot")
+        batches = eval_batches(spec, labelled, rank=rank, world_size=world_size, batch_size=eval_cfg.batch_size,
+                               num_workers=min(1, data.workers), name=f"data.{name}")
         emb = encode_split(encode, batches, device, dtype, with_texts=False)
         classifier = build_classifier(lambda tokens: encode(None, tokens)["text_features"], towers.tokenizer,
                                       classnames, templates, device)
-        metrics.update(zeroshot_metrics(emb["image"], emb["labels"], classifier))
+        metrics.update(zeroshot_metrics(emb["image"], emb["labels"], classifier, prefix=f"{name}/"))
     return metrics

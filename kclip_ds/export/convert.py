@@ -53,7 +53,7 @@ def convert(run_dir: str | Path, out: str | Path, tag: str = "latest", fmt: str 
     towers = build_towers(run.cfg.model, load_weights=False)
     arch = towers.arch
     model_cfg = open_clip.get_model_config(arch)
-    method = build_method(run.cfg.method, towers)
+    method = build_method(run.cfg.method, towers, training=False)
     missing, unexpected = method.load_state_dict(run.method_state, strict=False)
     if missing or unexpected:
         raise ExportError(f"checkpoint {run.tag} of {run_dir} does not fit model.arch={arch}: missing {missing[:5]}, "

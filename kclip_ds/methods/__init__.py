@@ -5,20 +5,40 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from kclip_ds.config import MethodConfig
+from kclip_ds.data.schema import Batch
 from kclip_ds.methods.clip import ClipMethod
+from kclip_ds.methods.knowledge_clip import KnowledgeClipMethod
 from kclip_ds.methods.structure_clip import StructureClipMethod
 
 
-def build_method(cfg: MethodConfig, towers) -> nn.Module:
+def build_method(cfg: MethodConfig, towers, training: bool = True) -> nn.Module:
+    """``training=False`` (evaluation, export) leaves out what only the loss needs (Knowledge-CLIP's teacher)."""
     if cfg.name == "clip":
         return ClipMethod(towers.model, cfg)
     if cfg.name == "structure_clip":
         return StructureClipMethod(towers.model, cfg)
-    raise ValueError(f"unknown method.name '{cfg.name}' (known: clip, structure_clip)")
+    if cfg.name == "knowledge_clip":
+        if not cfg.relations:
+            raise ValueError("method.name=knowledge_clip needs method.relations (filled from the triplet shards' "
+                             "manifests when data.train holds triplet shards: tools/import_kg.py, make_fashion_kg.py)")
+        return KnowledgeClipMethod(towers.model, cfg, towers.tokenizer(list(cfg.relations)), with_teacher=training)
+    raise ValueError(f"unknown method.name '{cfg.name}' (known: clip, structure_clip, knowledge_clip)")
 
 
 def uses_triples(cfg: MethodConfig) -> bool:
     return cfg.name == "structure_clip"
+
+
+def method_inputs(cfg: MethodConfig, batch: Batch, step: int) -> dict[str, Any]:
+    """The method-specific forward arguments of a training batch (already on the device) at ``step``."""
+    if cfg.name == "structure_clip":
+        return {"triples": batch.triples, "warmup": batch.epoch == 0 and step < cfg.warmup_steps}
+    if cfg.name == "knowledge_clip":
+        ramp = min(1.0, (step + 1) / cfg.objective_ramp_steps) if cfg.objective_ramp_steps else 1.0
+        return {"knowledge": batch.knowledge, "teacher": batch.teacher, "ramp": ramp}
+    return {}

@@ -165,7 +165,100 @@ class TripleEncoder(nn.Module):
         return KnowledgeOutput(k, triple_mask.any(1))
 
 
-def _phrase_ids(tokenizer: Any, text: str, phrase_len: int) -> list[int]:
+class ElementOutput(NamedTuple):
+    triplet: torch.Tensor  # [B, out_dim] unit norm: the summary token's output, a representation of (h, r, t)
+    slots: torch.Tensor  # [B, 3, out_dim] unit norm: each element's first position (the [MASK] where masked)
+    hidden: torch.Tensor  # [B, 3, width]: the same positions before the projection (for classifier heads)
+
+
+@register_extra("element_encoder")
+class ElementEncoder(nn.Module):
+    """Knowledge-CLIP's multi-modal triplet encoder over the token features of (head, relation, tail).
+
+        enc = ElementEncoder(image_width=768, text_width=512, width=256, out_dim=512, num_relations=18)
+        slots = enc.embed_text(text_tokens)                       # [N, L, width]; embed_image likewise
+        out = enc(slots, slot_mask, masked)                       # ElementOutput
+
+    The tower tokens of each element are projected to ``width`` (per modality, with a modality embedding),
+    get a role embedding (head / relation / tail), and one sequence [summary, h…, r…, t…] runs through
+    the same pre-LN layers as the scene-graph :class:`TripleEncoder`, with key-padding masks.  A masked
+    element is replaced by a single learned [MASK] token: its output predicts the element (E2E / E2R).
+    ``num_relations`` > 0 adds the relation classifier ``classify_relation`` (E2R's classify mode).
+    """
+
+    def __init__(self, image_width: int, text_width: int, width: int, out_dim: int, layers: int = 2, heads: int = 4,
+                 num_relations: int = 0, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self._config = {"image_width": image_width, "text_width": text_width, "width": width, "out_dim": out_dim,
+                        "layers": layers, "heads": heads, "num_relations": num_relations, "mlp_ratio": mlp_ratio,
+                        "dropout": dropout}
+        self.width = width
+        self.image_proj = nn.Linear(image_width, width)
+        self.text_proj = nn.Linear(text_width, width)
+        self.modality = nn.Embedding(2, width)  # 0 = image, 1 = text
+        self.role = nn.Embedding(3, width)  # 0 = head, 1 = relation, 2 = tail
+        self.mask_token = nn.Parameter(torch.randn(width) * width ** -0.5)
+        self.summary_token = nn.Parameter(torch.randn(width) * width ** -0.5)
+        self.ln_in = nn.LayerNorm(width)
+        self.layers = nn.ModuleList(TripleLayer(width, heads, mlp_ratio, dropout) for _ in range(layers))
+        self.ln_post = nn.LayerNorm(width)
+        self.out_proj = nn.Linear(width, out_dim)
+        self.relation_head = nn.Linear(width, num_relations) if num_relations > 0 else None
+        self.grad_checkpointing = False
+
+    def extra_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def embed_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tower tokens ``[N, S, image_width]`` -> ``[N, S, width]``."""
+        x = self.image_proj(tokens)
+        return x + self.modality(x.new_zeros((), dtype=torch.long))
+
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text tower tokens ``[N, L, text_width]`` -> ``[N, L, width]``."""
+        x = self.text_proj(tokens)
+        return x + self.modality(x.new_ones((), dtype=torch.long))
+
+    def classify_relation(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden: [B, width]`` (the relation slot's) -> logits ``[B, num_relations]``."""
+        assert self.relation_head is not None, "built with num_relations=0: no relation classifier"
+        return self.relation_head(hidden)
+
+    def forward(self, slots: torch.Tensor, slot_mask: torch.Tensor, masked: torch.Tensor) -> ElementOutput:
+        """``slots: [B, 3, S, width]`` embedded element tokens (head, relation, tail; padded to S),
+        ``slot_mask: [B, 3, S]`` bool (True = real token; each element needs its first one),
+        ``masked: [B, 3]`` bool (True = the element is hidden behind [MASK])."""
+        b, n_roles, s, w = slots.shape
+        assert n_roles == 3 and w == self.width, f"slots must be [B, 3, S, {self.width}], got {tuple(slots.shape)}"
+        assert slot_mask.shape == (b, 3, s) and masked.shape == (b, 3), \
+            f"slot_mask [B, 3, S] / masked [B, 3] expected, got {tuple(slot_mask.shape)} / {tuple(masked.shape)}"
+        first = torch.zeros(s, dtype=torch.bool, device=slots.device)
+        first[0] = True
+        hide = masked[:, :, None, None]
+        x = torch.where(hide & first[None, None, :, None], self.mask_token.to(slots.dtype), slots)
+        x = torch.where(hide & ~first[None, None, :, None], torch.zeros_like(x), x)
+        keep = torch.where(masked[:, :, None], first[None, None, :].expand(b, 3, s), slot_mask)
+        roles = self.role(torch.arange(3, device=slots.device)).to(x.dtype)  # [3, width]
+        x = self.ln_in((x + roles[None, :, None, :]).reshape(b, 3 * s, w))
+        x = torch.cat((self.summary_token.to(x.dtype).expand(b, 1, -1), x), 1)  # [B, 1 + 3S, width]
+        keep = torch.cat((keep.new_ones(b, 1), keep.reshape(b, 3 * s)), 1)
+        attn_mask = torch.zeros(b, 1, 1, 1 + 3 * s, dtype=x.dtype, device=x.device)
+        attn_mask = attn_mask.masked_fill(~keep[:, None, None, :], float("-inf"))
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask)
+        x = self.ln_post(x)
+        hidden = x[:, 1:].reshape(b, 3, s, w)[:, :, 0]  # [B, 3, width]
+        out = F.normalize(self.out_proj(torch.cat((x[:, :1], hidden), 1)), dim=-1)  # [B, 4, out_dim]
+        return ElementOutput(out[:, 0], out[:, 1:], hidden)
+
+
+def phrase_ids(tokenizer: Any, text: str, phrase_len: int) -> list[int]:
     ids = list(tokenizer.encode(text))[:phrase_len]
     return ids + [PAD_ID] * (phrase_len - len(ids))
 
@@ -198,9 +291,9 @@ def tokenize_triples(graph: dict[str, Any], tokenizer: Any, max_triples: int,
     out["triple_mask"] = torch.zeros(max_triples, dtype=torch.bool)
     out["entity_ids"] = torch.full((max_triples, 2), NO_ENTITY, dtype=torch.long)
     for row, (head, rel, tail, head_entity, tail_entity) in enumerate(triples):
-        out["heads_ids"][row] = torch.tensor(_phrase_ids(tokenizer, head, phrase_len))
-        out["rels_ids"][row] = torch.tensor(_phrase_ids(tokenizer, rel, phrase_len))
-        out["tails_ids"][row] = torch.tensor(_phrase_ids(tokenizer, tail, phrase_len))
+        out["heads_ids"][row] = torch.tensor(phrase_ids(tokenizer, head, phrase_len))
+        out["rels_ids"][row] = torch.tensor(phrase_ids(tokenizer, rel, phrase_len))
+        out["tails_ids"][row] = torch.tensor(phrase_ids(tokenizer, tail, phrase_len))
         out["triple_mask"][row] = True
         out["entity_ids"][row] = torch.tensor([head_entity, tail_entity])
     return out
