@@ -20,9 +20,14 @@ A world of W: each rank scores its B rows against the W·B gathered columns, as 
 Across ranks the columns come from an all-gather with gradients, as in the dense loss, not a ring exchange:
 the gathered features (W·B·D floats; 32 MiB for 16 k × 512 fp32) are small next to the B × W·B logits that
 tiling removes, and the gather's backward already returns column gradients to their owner rank.
+
+The same tile loop runs as Triton kernels in :mod:`kclip_ds.kernels.triton_infonce`; this torch path is the
+reference, and runs wherever Triton does not (:func:`tile_backend`).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
@@ -31,6 +36,7 @@ from torch import nn
 from kclip_ds.losses.contrastive import check_pair, gather_features, gather_mask
 
 NEG_INF = float("-inf")
+log = logging.getLogger(__name__)
 
 
 def padding(valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -80,6 +86,22 @@ def logsumexp_into(logits: torch.Tensor, dim: int, scratch: torch.Tensor) -> tor
     return scratch.sum(dim=dim).log_().add_(peak.squeeze(dim))
 
 
+def check_cross_entropy_args(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, scale: torch.Tensor,
+                             x_valid: torch.Tensor, y_valid: torch.Tensor, z_valid: torch.Tensor | None,
+                             offset: int, with_columns: bool, tile: int) -> None:
+    """The shapes :class:`TiledCrossEntropy` (and its Triton twin) take; see its docstring."""
+    n_rows, n_cols = x.shape[0], y.shape[0]
+    assert x.ndim == 2 and y.ndim == 2 and y.shape[1] == x.shape[1], (
+        f"x {tuple(x.shape)} and y {tuple(y.shape)} must be [B, D] and [N, D]")
+    assert z is None or (z.ndim == 2 and z.shape[1] == x.shape[1]), f"z must be [M, {x.shape[1]}]"
+    assert x_valid.shape == (n_rows,) and y_valid.shape == (n_cols,), "x_valid/y_valid shapes"
+    assert (z is None) == (z_valid is None) and (z is None or z_valid.shape == (z.shape[0],)), "z_valid"
+    assert 0 <= offset and offset + n_rows <= n_cols, f"labels offset {offset} + {n_rows} exceed {n_cols}"
+    assert not with_columns or (offset == 0 and n_cols == n_rows), "with_columns needs N = B, offset 0"
+    assert scale.numel() == 1, f"scale must hold one value, got {tuple(scale.shape)}"
+    assert tile >= 1, f"tile must be >= 1, got {tile}"
+
+
 class TiledCrossEntropy(torch.autograd.Function):
     """Cross-entropies of the logits s·X·Yᵀ (with s·X·Zᵀ as extra columns), never holding more than a
     tile × tile block; row i's label is column ``offset + i``.
@@ -101,16 +123,8 @@ class TiledCrossEntropy(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, scale: torch.Tensor,
                 x_valid: torch.Tensor, y_valid: torch.Tensor, z_valid: torch.Tensor | None, offset: int,
                 with_columns: bool, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+        check_cross_entropy_args(x, y, z, scale, x_valid, y_valid, z_valid, offset, with_columns, tile)
         n_rows, n_cols = x.shape[0], y.shape[0]
-        assert x.ndim == 2 and y.ndim == 2 and y.shape[1] == x.shape[1], (
-            f"x {tuple(x.shape)} and y {tuple(y.shape)} must be [B, D] and [N, D]")
-        assert z is None or (z.ndim == 2 and z.shape[1] == x.shape[1]), f"z must be [M, {x.shape[1]}]"
-        assert x_valid.shape == (n_rows,) and y_valid.shape == (n_cols,), "x_valid/y_valid shapes"
-        assert (z is None) == (z_valid is None) and (z is None or z_valid.shape == (z.shape[0],)), "z_valid"
-        assert 0 <= offset and offset + n_rows <= n_cols, f"labels offset {offset} + {n_rows} exceed {n_cols}"
-        assert not with_columns or (offset == 0 and n_cols == n_rows), "with_columns needs N = B, offset 0"
-        assert scale.numel() == 1, f"scale must hold one value, got {tuple(scale.shape)}"
-        assert tile >= 1, f"tile must be >= 1, got {tile}"
         x_pad, y_pad, z_pad = padding(x_valid), padding(y_valid), padding(z_valid)
         s = float(scale.detach().float().reshape(()))
         xf, yf = zero_padding(x.float(), x_pad), zero_padding(y.float(), y_pad)
@@ -202,13 +216,51 @@ class TiledCrossEntropy(torch.autograd.Function):
         return dx, dy, dz, dscale, None, None, None, None, None, None
 
 
-class TiledContrastiveLoss(nn.Module):
-    """Drop-in for :class:`~kclip_ds.losses.contrastive.ContrastiveLoss` (same forward, same result)."""
+BACKENDS = ("auto", "torch", "triton")
 
-    def __init__(self, tile: int = 1024) -> None:
+
+def tile_backend(backend: str, device: torch.device | str) -> str:
+    """What runs the tiles on ``device``, "triton" or "torch", for ``backend`` "auto" (Triton on CUDA where it
+    is installed, the torch tiles elsewhere), "torch", or "triton" (an error where Triton cannot run)."""
+    assert backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}"
+    device = torch.device(device)
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return "torch"
+    from kclip_ds.kernels.triton_infonce import triton_available  # imports triton, so only where it may run
+
+    if triton_available(device):
+        return "triton"
+    if backend == "triton":
+        raise RuntimeError(f"backend='triton' but Triton cannot run on {device}: it needs triton and CUDA, "
+                           "or TRITON_INTERPRET=1 (CPU) set before triton is first imported")
+    return "torch"
+
+
+class TiledContrastiveLoss(nn.Module):
+    """Drop-in for :class:`~kclip_ds.losses.contrastive.ContrastiveLoss` (same forward, same result).
+    ``backend`` picks the tile loop per call, from the features' device (see :func:`tile_backend`)."""
+
+    def __init__(self, tile: int = 1024, backend: str = "auto") -> None:
         super().__init__()
         assert tile >= 1, f"tile must be >= 1, got {tile}"
-        self.tile = tile
+        assert backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}"
+        self.tile, self.backend = tile, backend
+        self.announced: str | None = None
+
+    def extra_repr(self) -> str:
+        return f"tile={self.tile}, backend={self.backend!r}"
+
+    def cross_entropy(self, device: torch.device | str) -> type[torch.autograd.Function]:
+        """The Function that runs on ``device``: :class:`TiledCrossEntropy` or its Triton twin."""
+        runs = tile_backend(self.backend, device)
+        if runs != self.announced:  # the start-up log line is written before the model reaches its device
+            log.info("contrastive loss tiles on %s: %s (tile %d)", device, runs, self.tile)
+            self.announced = runs
+        if runs == "torch":
+            return TiledCrossEntropy
+        from kclip_ds.kernels.triton_infonce import TritonCrossEntropy
+
+        return TritonCrossEntropy
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 valid: torch.Tensor | None = None, neg_text_features: torch.Tensor | None = None,
@@ -218,9 +270,15 @@ class TiledContrastiveLoss(nn.Module):
         or None."""
         valid, world = check_pair(image_features, text_features, valid)
         batch = image_features.shape[0]
+        cross_entropy = self.cross_entropy(image_features.device)
 
-        # Upcast before the gather, as the dense loss does, so cross-rank gradient sums are fp32 too.
-        image_features, text_features = image_features.float(), text_features.float()
+        # Upcast before the gather, as the dense loss does, so cross-rank gradient sums are fp32 too.  A world
+        # of one has no gather, and the Triton tiles read bf16/fp16 as it is (their sums are fp32 anyway).
+        dtype = torch.float32
+        if (world == 1 and cross_entropy is not TiledCrossEntropy
+                and image_features.dtype == text_features.dtype in (torch.bfloat16, torch.float16)):
+            dtype = image_features.dtype
+        image_features, text_features = image_features.to(dtype), text_features.to(dtype)
         all_valid = gather_mask(valid)
         scale = logit_scale.float().reshape(())
         negs = neg_columns = None
@@ -230,18 +288,18 @@ class TiledContrastiveLoss(nn.Module):
                 f"text_features {tuple(text_features.shape)}")
             assert neg_valid is not None and neg_valid.shape == (batch,), (
                 "neg_valid must be [B] with negatives")
-            negs = gather_features(neg_text_features.float())
+            negs = gather_features(neg_text_features.to(dtype))
             neg_columns = gather_mask(neg_valid & valid)
         if world == 1:
-            ce_i2t, ce_t2i = TiledCrossEntropy.apply(image_features, text_features, negs, scale, valid, valid,
-                                                     neg_columns, 0, True, self.tile)
+            ce_i2t, ce_t2i = cross_entropy.apply(image_features, text_features, negs, scale, valid, valid,
+                                                 neg_columns, 0, True, self.tile)
         else:
             rank = dist.get_rank()
             all_images, all_texts = gather_features(image_features), gather_features(text_features)
-            ce_i2t, _ = TiledCrossEntropy.apply(image_features, all_texts, negs, scale, valid, all_valid,
-                                                neg_columns, rank * batch, False, self.tile)
-            ce_t2i, _ = TiledCrossEntropy.apply(text_features, all_images, None, scale, valid, all_valid,
-                                                None, rank * batch, False, self.tile)
+            ce_i2t, _ = cross_entropy.apply(image_features, all_texts, negs, scale, valid, all_valid,
+                                            neg_columns, rank * batch, False, self.tile)
+            ce_t2i, _ = cross_entropy.apply(text_features, all_images, None, scale, valid, all_valid,
+                                            None, rank * batch, False, self.tile)
         per_row = (ce_i2t + ce_t2i).sum()  # padding rows hold 0
         n_valid = all_valid.sum().clamp(min=1)
         return per_row * world / (2 * n_valid)
