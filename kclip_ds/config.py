@@ -91,6 +91,7 @@ class MethodConfig:
     loss_tile: int = 1024  # rows and columns per tile of the fused losses (bench/loss_memory.py --tiles)
     # Knowledge-CLIP (docs/METHODS.md records why each choice): objective weights, 0 turns one off
     clip_weight: float = 1.0  # InfoNCE on the image–caption pairs of the batch
+    cross_modal_pairs: bool = False  # (image, r, text) triplets also join the InfoNCE as image–text pairs
     e2e_weight: float = 1.0  # masked head/tail -> the true entity among the global batch's entities
     e2r_weight: float = 1.0  # masked relation -> its relation (classify and/or contrast, e2r_mode)
     e2r_mode: str = "both"  # classify | contrast | both

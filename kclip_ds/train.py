@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import braceexpand
 import torch
 import torch.distributed as dist
 
@@ -27,8 +28,9 @@ from kclip_ds.data.plan import derive_seed
 from kclip_ds.data.sources import DataError
 from kclip_ds.data.transforms import SampleDecoder
 from kclip_ds.eval.runner import evaluate
-from kclip_ds.logs import MetricsLog, setup_logging
+from kclip_ds.knowledge.teacher import teacher_spec
 from kclip_ds.knowledge.triplet_batch import TripletRows, TripletSpec, relation_vocabulary
+from kclip_ds.logs import MetricsLog, setup_logging
 from kclip_ds.methods import build_method, method_inputs, uses_triples
 from kclip_ds.models.towers import ModelError, build_towers
 
@@ -46,6 +48,28 @@ def _check_layout(saved: dict[str, int], current: dict[str, int]) -> None:
             f"the data layout changed since the checkpoint ({diff}, as saved → now): the saved position would "
             f"not continue the same stream; resume with the same world size, data.batch_size, data.workers "
             f"and shards, or start a new run from its weights")
+
+
+def teacher_features_spec(cfg: Config) -> tuple[int, float] | None:
+    """(dim, exp τ) of the precomputed teacher in the train shards when ``method.kd_teacher=features``."""
+    if cfg.method.kd_weight <= 0 or cfg.method.kd_teacher != "features":
+        return None
+    specs = {}
+    for source in cfg.data.train.split("::"):
+        for directory in {Path(url).parent for url in braceexpand.braceexpand(source.strip())}:
+            spec = teacher_spec(directory)
+            if spec is not None:
+                specs[str(directory)] = spec
+    if not specs:
+        raise ConfigError(f"method.kd_teacher=features, but no shard directory of data.train={cfg.data.train!r} "
+                          f"holds teacher features; write them with tools/precompute_teacher.py, or use "
+                          f"method.kd_teacher=online")
+    found = {(s["arch"], s["pretrained_sha256"], s["dim"], s["logit_scale"]) for s in specs.values()}
+    if len(found) > 1:
+        raise ConfigError(f"data.train: the shard directories hold features of different teachers ({sorted(specs)}); "
+                          f"precompute them all with the same --arch/--pretrained")
+    _, _, dim, scale = found.pop()
+    return int(dim), float(scale)
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
@@ -75,9 +99,10 @@ def run_training(cfg: Config) -> dict[str, Any]:
                            cfg.train.seed)
         knowledge = TripletRows(spec, towers.preprocess_train, towers.tokenizer, towers.image_size,
                                 towers.context_length)
+    teacher = teacher_features_spec(cfg) if cfg.method.name == "knowledge_clip" else None
     decoder = SampleDecoder(towers.preprocess_train, towers.tokenizer, towers.image_size, towers.context_length,
                             negative_kinds=tuple(cfg.data.negatives), negative_seed=cfg.train.seed, triples=triples,
-                            knowledge=knowledge)
+                            knowledge=knowledge, teacher=teacher)
     stream = TrainStream(cfg.data.train, decoder, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                          num_workers=cfg.data.workers, seed=cfg.train.seed, resampled=cfg.data.resampled,
                          upsampling_factors=cfg.data.train_upsampling_factors, epoch_steps=cfg.data.epoch_steps,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,3 +135,50 @@ def runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     results = json.loads((root / "results.json").read_text())
     assert results["half8"]["stopped_by"] == "stop_after_steps" and results["straight8"]["step"] == 8
     return {c["name"]: root / c["name"] for c in configs}
+
+
+# ------------------------------------------------- real knowledge sources (Debian packages, apt-installed if missing)
+
+def ensure_apt(packages: list[str], marker: Path) -> None:
+    """apt-get ``packages`` unless ``marker`` exists; skip the test when that is impossible here."""
+    if marker.exists():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(f"{marker} missing and installing it needs root and apt-get: "
+                    f"apt-get install -y --no-install-recommends {' '.join(packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:  # a fresh image may have no package lists yet
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not marker.exists():
+        pytest.skip(f"`{' '.join(cmd)}` failed: {done.stderr[-500:]}")
+
+
+@pytest.fixture(scope="session")
+def wordnet(tmp_path_factory: pytest.TempPathFactory):
+    ensure_apt(["wordnet-base", "wordnet-sense-index"], Path("/usr/share/wordnet/index.sense"))
+    from kclip_ds.knowledge.kg import load_wordnet
+
+    return load_wordnet(tmp_path_factory.mktemp("nltk_data"))
+
+
+@pytest.fixture(scope="session")
+def fashion_source() -> Path:
+    from kclip_ds.knowledge import fashion
+
+    ensure_apt(["dataset-fashion-mnist"], fashion.FASHION_DIR / fashion.SOURCE_FILES["test"][1])
+    return fashion.FASHION_DIR
+
+
+@pytest.fixture(scope="session")
+def fashion_data(tmp_path_factory: pytest.TempPathFactory, wordnet, fashion_source: Path) -> Path:
+    """A small Fashion-MNIST × WordNet build (tools/make_fashion_kg.py): 8 train + 2 val images per class, the
+    zero-shot splits at 8 per class, WordNet one hop around the class synsets."""
+    from kclip_ds.knowledge.fashion import make_fashion_kg
+
+    root = tmp_path_factory.mktemp("fashion")
+    make_fashion_kg(root, source=fashion_source, limit_per_class=8, val_per_class=2, wordnet_hops=1, shard_size=64,
+                    wordnet=wordnet, log=lambda _: None)
+    return root

@@ -12,9 +12,6 @@ import gzip
 import importlib.util
 import io
 import json
-import os
-import shutil
-import subprocess
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -55,37 +52,6 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
-
-
-def ensure_apt(packages: list[str], marker: Path) -> None:
-    """apt-get ``packages`` unless ``marker`` exists; skip the test when that is impossible here."""
-    if marker.exists():
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(f"{marker} missing and installing it needs root and apt-get: "
-                    f"apt-get install -y --no-install-recommends {' '.join(packages)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:  # a fresh image may have no package lists yet
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0 or not marker.exists():
-        pytest.skip(f"`{' '.join(cmd)}` failed: {done.stderr[-500:]}")
-
-
-@pytest.fixture(scope="session")
-def wordnet(tmp_path_factory: pytest.TempPathFactory):
-    ensure_apt(["wordnet-base", "wordnet-sense-index"], Path("/usr/share/wordnet/index.sense"))
-    from kclip_ds.knowledge.kg import load_wordnet
-
-    return load_wordnet(tmp_path_factory.mktemp("nltk_data"))
-
-
-@pytest.fixture(scope="session")
-def fashion_source() -> Path:
-    ensure_apt(["dataset-fashion-mnist"], fashion.FASHION_DIR / fashion.SOURCE_FILES["test"][1])
-    return fashion.FASHION_DIR
 
 
 def png_bytes(colour: tuple[int, int, int], size: int = 8) -> bytes:

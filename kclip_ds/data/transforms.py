@@ -35,7 +35,8 @@ class SampleDecoder:
     def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
                  image_size: int, context_length: int, with_labels: bool = False,
                  negative_kinds: tuple[str, ...] = (), negative_seed: int = 0,
-                 triples: tuple[int, int] | None = None, knowledge: TripletRows | None = None):
+                 triples: tuple[int, int] | None = None, knowledge: TripletRows | None = None,
+                 teacher: tuple[int, float] | None = None):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -45,6 +46,7 @@ class SampleDecoder:
         self.negative_seed = negative_seed
         self.triples = triples  # (max_triples, phrase_len): tokenize sg.json triples for the knowledge encoder
         self.knowledge = knowledge  # knowledge-graph triplet rows (Knowledge-CLIP); None: triplets are an error
+        self.teacher = teacher  # (dim, exp τ): read precomputed teacher features (teacher.npy) into Batch.teacher
 
     def decode(self, raw: dict[str, Any]) -> tuple[torch.Tensor, str, int, Any]:
         """(image [3, H, W], caption, label or -1, scene graph or None); raises CorruptSample."""
@@ -99,7 +101,9 @@ class SampleDecoder:
         captions: dict[int, str] = {}
         negatives: dict[int, str] = {}
         corrupt = []
+        from kclip_ds.knowledge import teacher as teacher_format  # here: that module builds on this one
         triplets: dict[int, dict[str, Any]] = {}
+        teacher_rows: dict[int, torch.Tensor] = {}
         for row, raw in enumerate(raws):
             keys[row] = raw.get("__key__", "?")
             if TRIPLET_MEMBER in raw:
@@ -116,6 +120,12 @@ class SampleDecoder:
                 continue
             assert image.shape == images.shape[1:], f"preprocessed image {tuple(image.shape)} != {tuple(images.shape[1:])}"
             images[row], labels[row], graphs[row], captions[row] = image, label, graph, caption
+            if self.teacher is not None and teacher_format.TEACHER_MEMBER in raw:
+                try:
+                    teacher_rows[row] = teacher_format.decode_teacher_member(
+                        raw[teacher_format.TEACHER_MEMBER], keys[row], self.teacher[0])
+                except ValueError as exc:
+                    raise DataError(str(exc)) from exc
             valid[row] = True
             if self.negative_kinds:
                 negative, _ = sample_negative(keys[row], epoch, caption, graph, kinds=self.negative_kinds,
@@ -139,6 +149,15 @@ class SampleDecoder:
             per_row = [tokenize_triples(g if g is not None else {}, self.tokenizer, max_triples, phrase_len)
                        for g in graphs]
             triples = {name: torch.stack([r[name] for r in per_row]) for name in per_row[0]}
+        teacher = None
+        if self.teacher is not None:
+            dim, scale = self.teacher
+            features = torch.zeros(batch_size, 2, dim)
+            present = torch.zeros(batch_size, dtype=torch.bool)
+            for row, value in teacher_rows.items():
+                features[row], present[row] = value, True
+            teacher = {"image": features[:, 0], "text": features[:, 1], "present": present,
+                       "scale": torch.tensor([scale])}
         knowledge = None
         if self.knowledge is not None:
             try:
@@ -147,7 +166,7 @@ class SampleDecoder:
                 raise DataError(f"{exc}; re-create the triplet shards (tools/import_kg.py)") from exc
             valid |= knowledge["triplet"]
         return Batch(
-            triples=triples, knowledge=knowledge,
+            triples=triples, knowledge=knowledge, teacher=teacher,
             images=images, texts=texts, valid=valid, keys=keys,
             labels=labels if self.with_labels else None,
             scene_graphs=graphs if any(g is not None for g in graphs) else None,

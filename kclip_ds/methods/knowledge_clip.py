@@ -3,6 +3,7 @@
     v, c = f_img(pair images), f_txt(captions);   e_h, e_r, e_t = the towers' embeddings of each triplet element
     X = ElementEncoder(token features of h, r, t)  (one element hidden behind [MASK])
     L = w_clip · InfoNCE(v, c)
+        (+ the cross-modal triplets (image, r, text) as pairs, with cross_modal_pairs)
       + ramp · [ w_e2e · InfoNCE(X[masked h or t] → e_h or e_t)                           (global batch)
                + w_e2r · CE(relation | X[masked r])  (classifier and/or relation-text contrast)
                + w_g2e · InfoNCE(TripleEncoder(neighbourhood of e, centre blanked) → e)   (global batch)
@@ -73,7 +74,7 @@ class KnowledgeClipMethod(nn.Module):
         embed_dim = model.text_projection.shape[1]
         self.weights = {"clip": cfg.clip_weight, "e2e": cfg.e2e_weight, "e2r": cfg.e2r_weight,
                         "g2e": cfg.g2e_weight, "kd": cfg.kd_weight}
-        self.e2r_mode = cfg.e2r_mode
+        self.e2r_mode, self.cross_modal_pairs = cfg.e2r_mode, cfg.cross_modal_pairs
         classify = cfg.e2r_weight > 0 and cfg.e2r_mode in ("classify", "both")
         self.element_encoder = ElementEncoder(
             image_width=model.visual.transformer.width, text_width=model.transformer.width, width=cfg.graph_width,
@@ -109,6 +110,9 @@ class KnowledgeClipMethod(nn.Module):
         if next(teacher.parameters()).device != images.device:
             teacher.to(images.device)
         dtype = next(teacher.parameters()).dtype
+        if not rows.any():  # nothing to distil on this rank (the teacher is local: skipping it is safe)
+            zeros = images.new_zeros(len(rows), teacher.text_projection.shape[1], dtype=torch.float32)
+            return zeros, zeros, images.new_ones(1, dtype=torch.float32)
         out = teacher(image=images[rows].to(dtype), text=texts[rows])
         return (place(rows, out["image_features"].float()), place(rows, out["text_features"].float()),
                 out["logit_scale"].float())
@@ -135,7 +139,14 @@ class KnowledgeClipMethod(nn.Module):
         feats, tokens = self.encode_all(images, texts, pair, trip, kg)
         scale = feats["logit_scale"].clamp(max=MAX_LOGIT_SCALE)
         v, c = feats["pair_image"], feats["pair_text"]
-        losses = {"clip": self.contrastive(v, c, scale, pair)}
+        v_c, c_c, rows = v, c, pair
+        if kg is not None and self.cross_modal_pairs:  # an (image, r, text) fact is an image–text pair as well
+            cross = trip & (kg["head_is_image"] ^ kg["tail_is_image"])
+            image_first = kg["head_is_image"][:, None]
+            v_c = torch.where(cross[:, None], torch.where(image_first, feats["head"], feats["tail"]), v)
+            c_c = torch.where(cross[:, None], torch.where(image_first, feats["tail"], feats["head"]), c)
+            rows = pair | cross
+        losses = {"clip": self.contrastive(v_c, c_c, scale, rows)}
         if kg is not None:
             losses.update(self.knowledge_losses(kg, trip, feats, tokens, scale))
         if self.weights["kd"] > 0:
@@ -170,7 +181,7 @@ class KnowledgeClipMethod(nn.Module):
             image_in = images[:1]
         with tower_tokens(self.model) as found:
             out = self.model(image=image_in, text=text_in)
-        split = lambda x, parts: x[: sum(int(rows.sum()) for rows, _ in parts)].split(  # noqa: E731
+        split = lambda x, parts: x[: sum(int(rows.sum()) for rows, _ in parts)].split(
             [int(rows.sum()) for rows, _ in parts])
         v_parts, c_parts = split(out["image_features"], image_parts), split(out["text_features"], text_parts)
         feats = {"pair_image": place(pair, v_parts[0]), "pair_text": place(pair, c_parts[0]),

@@ -1,0 +1,41 @@
+"""The RESULTS table of bench/knowledge_fashion.sh: per variant, mean ± std over seeds of the Fashion-MNIST
+class-level and hypernym-level zero-shot top-1, and the median training throughput.
+
+    python bench/knowledge_fashion_table.py [RUNS_DIR]        (default runs/kclip)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def throughput(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["samples_per_s"] for r in rows if r["kind"] == "train" and r["step"] > 20)
+
+
+def main(root: str = "runs/kclip") -> int:
+    by_variant: dict[str, list[tuple[int, dict, float]]] = defaultdict(list)
+    for done in sorted(Path(root).glob("*_s[0-9]*/done.json")):
+        variant, seed = re.fullmatch(r"(.+)_s(\d+)", done.parent.name).groups()
+        metrics = json.loads(done.read_text())["final"]["metrics"]
+        by_variant[variant].append((int(seed), metrics, throughput(done.parent)))
+    print("| variant | seeds | class top-1 | hypernym top-1 (per seed) | hypernym mean | samples/s |")
+    print("|---|---|---|---|---|---|")
+    for variant, runs in by_variant.items():
+        cls = [m["zeroshot/top1"] * 100 for _, m, _ in runs]
+        hyp = [m["zeroshot_hypernym/top1"] * 100 for _, m, _ in runs]
+        spread = f" ± {statistics.stdev(cls):.1f}" if len(cls) > 1 else ""
+        print(f"| {variant} | {','.join(str(s) for s, _, _ in runs)} | {statistics.mean(cls):.1f}{spread} | "
+              f"{' / '.join(f'{h:.1f}' for h in hyp)} | {statistics.mean(hyp):.1f} | "
+              f"{statistics.median(t for *_, t in runs):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
