@@ -71,7 +71,8 @@ class Batch:
             if isinstance(value, torch.Tensor):
                 dtype = float_dtype if (float_dtype is not None and value.is_floating_point()) else None
                 value = value.to(device=device, dtype=dtype)
-            elif isinstance(value, dict):
-                value = {k: v.to(device=device) for k, v in value.items()}
+            elif isinstance(value, dict):  # triples, knowledge rows, teacher features: images take float_dtype too
+                value = {k: v.to(device=device, dtype=float_dtype if (float_dtype is not None and v.is_floating_point())
+                                else None) for k, v in value.items()}
             moved[f.name] = value
         return Batch(**moved)

@@ -136,6 +136,7 @@ class KnowledgeClipMethod(nn.Module):
         kg = knowledge
         trip = valid & kg["triplet"] if kg is not None else torch.zeros_like(valid)
         pair = valid & ~trip
+        self._outputs: list[torch.Tensor] = []  # every module output of this step (see the end of forward)
         feats, tokens = self.encode_all(images, texts, pair, trip, kg)
         scale = feats["logit_scale"].clamp(max=MAX_LOGIT_SCALE)
         v, c = feats["pair_image"], feats["pair_text"]
@@ -157,6 +158,11 @@ class KnowledgeClipMethod(nn.Module):
             losses["kd"] = self.distill(v, c, scale, tv, tc, t_scale, pair & teacher_rows(teacher, pair))
         loss = sum(self.weights[name] * (1.0 if name == "clip" else ramp) * value
                    for name, value in losses.items() if self.weights[name] > 0)
+        # Every module output enters the graph, with weight 0: a rank whose batch gives some module no loss
+        # rows still runs that module's backward, so ZeRO-3's gathers for recomputed (checkpointed) layers
+        # and its gradient reductions happen on every rank alike instead of hanging the others.
+        loss = loss + 0.0 * sum(x.float().sum() for x in self._outputs)
+        self._outputs = []
         logs = {f"loss_{name}": value.detach() for name, value in losses.items()}
         logs["logit_scale"] = scale.detach().float().mean()
         return {"loss": loss, "logs": logs}
@@ -181,6 +187,7 @@ class KnowledgeClipMethod(nn.Module):
             image_in = images[:1]
         with tower_tokens(self.model) as found:
             out = self.model(image=image_in, text=text_in)
+        self._outputs += [out["image_features"], out["text_features"], *found.values()]
         split = lambda x, parts: x[: sum(int(rows.sum()) for rows, _ in parts)].split(
             [int(rows.sum()) for rows, _ in parts])
         v_parts, c_parts = split(out["image_features"], image_parts), split(out["text_features"], text_parts)
@@ -216,13 +223,16 @@ class KnowledgeClipMethod(nn.Module):
         if self.weights["e2e"] > 0:
             hidden = torch.where(kg["mask_tail"], TAIL, HEAD)
             masked = nn.functional.one_hot(hidden, 3).bool()
-            query = self.element_encoder(slots, slot_mask, masked).slots[rows, hidden]
+            encoded = self.element_encoder(slots, slot_mask, masked)
+            self._outputs += [encoded.slots, encoded.triplet, encoded.hidden]
+            query = encoded.slots[rows, hidden]
             target = torch.where(kg["mask_tail"][:, None], feats["tail"], feats["head"])
             ids = torch.where(kg["mask_tail"], kg["tail_id"], kg["head_id"])
             losses["e2e"] = self.entity_loss(query, target, ids, trip, scale)
         if self.weights["e2r"] > 0:
             masked = nn.functional.one_hot(torch.full_like(rows, RELATION), 3).bool()
             out = self.element_encoder(slots, slot_mask, masked)
+            self._outputs += [out.slots, out.triplet, out.hidden]
             known = trip & (kg["relation"] >= 0)
             labels = kg["relation"].clamp(min=0)
             terms = []
@@ -237,6 +247,7 @@ class KnowledgeClipMethod(nn.Module):
             flat = {k: kg[k].flatten(0, 1) for k in ("nb_heads_ids", "nb_rels_ids", "nb_tails_ids", "nb_mask")}
             graph = self.graph_encoder(flat["nb_heads_ids"], flat["nb_rels_ids"], flat["nb_tails_ids"],
                                        flat["nb_mask"], self.model.token_embedding)
+            self._outputs.append(graph.k)
             target = torch.stack((feats["head"], feats["tail"]), 1).flatten(0, 1)
             ids = torch.stack((kg["head_id"], kg["tail_id"]), 1).flatten()
             losses["g2e"] = self.entity_loss(graph.k.to(target.dtype), target, ids,
