@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from kclip_ds.data.schema import IMAGE_EXTENSIONS, Batch
 from kclip_ds.data.sources import DataError
+from kclip_ds.knowledge import teacher_format
 from kclip_ds.knowledge.negatives import sample_negative
 from kclip_ds.knowledge.triplet_batch import TRIPLET_MEMBER, TripletRows
 from kclip_ds.models.graph import tokenize_triples
@@ -101,7 +102,6 @@ class SampleDecoder:
         captions: dict[int, str] = {}
         negatives: dict[int, str] = {}
         corrupt = []
-        from kclip_ds.knowledge import teacher as teacher_format  # here: that module builds on this one
         triplets: dict[int, dict[str, Any]] = {}
         teacher_rows: dict[int, torch.Tensor] = {}
         for row, raw in enumerate(raws):

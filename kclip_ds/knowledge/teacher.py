@@ -15,7 +15,6 @@ from another input or teacher is refused (the same contract as ``scene_graph.par
 from __future__ import annotations
 
 import functools
-import io
 import json
 import multiprocessing
 import os
@@ -26,9 +25,7 @@ from pathlib import Path
 from pickle import UnpicklingError  # only to report a weights file torch refuses; nothing is unpickled here
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kclip_ds.config import ModelConfig
 from kclip_ds.data.make_shards import ShardError
@@ -43,71 +40,19 @@ from kclip_ds.data.shards import (
 )
 from kclip_ds.data.transforms import CorruptSample, SampleDecoder
 from kclip_ds.knowledge.scene_graph import _read_samples
+from kclip_ds.knowledge.teacher_format import (  # noqa: F401 — re-exported
+    _NORM_TOLERANCE,
+    _RERUN,
+    TEACHER_DTYPE,
+    TEACHER_MEMBER,
+    decode_teacher_member,
+    encode_teacher_member,
+    teacher_spec,
+)
 from kclip_ds.models.towers import ModelError, Towers, build_towers
 
-TEACHER_MEMBER = "teacher.npy"
-TEACHER_DTYPE = np.float16
 STATE_NAME = ".precompute_teacher.json"  # the run's identity until manifest.json records it
 RANDOM_TEACHER_SEED = 0  # pretrained="" (tests only): a seeded init, so that a resumed run gets the same teacher
-_NORM_TOLERANCE = 1e-2  # |‖f‖ − 1| allowed after the float16 round trip
-_RERUN = "re-run tools/precompute_teacher.py to rewrite the teacher features"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The member format.
-
-def encode_teacher_member(image_feature: torch.Tensor, text_feature: torch.Tensor) -> bytes:
-    """``teacher.npy`` bytes for one sample: image_feature, text_feature [D] → float16 [2, D], L2-normalised
-    here (a no-op for open_clip's outputs, which are normalised already)."""
-    assert image_feature.dim() == 1 and image_feature.shape == text_feature.shape, \
-        f"image_feature {tuple(image_feature.shape)} / text_feature {tuple(text_feature.shape)}: expected [D] and [D]"
-    pair = F.normalize(torch.stack([image_feature, text_feature]).detach().float().cpu(), dim=-1)
-    if not torch.isfinite(pair).all():
-        raise ValueError("teacher features are not finite")
-    buffer = io.BytesIO()
-    np.save(buffer, pair.numpy().astype(TEACHER_DTYPE), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def decode_teacher_member(data: bytes, key: str, dim: int | None = None) -> torch.Tensor:
-    """(image, text) teacher features [2, D] float32 from ``teacher.npy`` bytes; ``dim``: the D expected.
-
-    Raises ValueError naming ``key`` for anything but a finite float16 [2, D] array of unit rows."""
-    def bad(problem: str) -> ValueError:
-        return ValueError(f"sample {key}: {TEACHER_MEMBER} {problem}; {_RERUN}")
-
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:  # pickled or object data, not .npy, truncated
-        raise bad(f"is not a plain .npy array ({exc})") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive
-        raise bad(f"is a {type(array).__name__}, not a .npy array")
-    if array.dtype != TEACHER_DTYPE:
-        raise bad(f"has dtype {array.dtype}, expected float16")
-    if array.ndim != 2 or array.shape[0] != 2:
-        raise bad(f"has shape {list(array.shape)}, expected [2, D] (image, text)")
-    if dim is not None and array.shape[1] != dim:
-        raise bad(f"has dim {array.shape[1]}, but the teacher's features have {dim}")
-    features = torch.from_numpy(array.astype(np.float32))
-    if not torch.isfinite(features).all():
-        raise bad("holds NaN or inf")
-    norms = features.norm(dim=-1)
-    if ((norms - 1).abs() > _NORM_TOLERANCE).any():
-        raise bad(f"rows are not L2-normalised (norms {norms.tolist()})")
-    return features
-
-
-def teacher_spec(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``teacher`` record of a shard directory's manifest ({"arch", "pretrained", "pretrained_sha256",
-    "dim", "dtype", "logit_scale"}), or None when it has no manifest or no teacher features.
-
-    Raises ValueError (naming the file) for a manifest that is not kclip_ds's."""
-    manifest = read_manifest(directory)
-    return None if manifest is None else manifest.extra.get("teacher")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The teacher model, loaded once per process.
 
 @functools.lru_cache(maxsize=1)
 def _load_teacher(arch: str, pretrained: str, weights_sha256: str | None, device: str) -> Towers:
