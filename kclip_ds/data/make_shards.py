@@ -33,10 +33,12 @@ from PIL import Image, UnidentifiedImageError
 from kclip_ds.data.shards import (
     AtomicShardWriter,
     Manifest,
+    ShardError,
     ShardInfo,
     atomic_write_text,
+    check_output_dir,
+    claim_output_dir,
     count_tar_samples,
-    read_manifest,
     sha256_file,
     write_manifest,
 )
@@ -48,10 +50,6 @@ STATE_NAME = ".make_shards.json"  # the input's identity, written before the fir
 _SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "coco"}
 _EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 _PIL_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-
-
-class ShardError(Exception):
-    """A user error (bad input, bad flags, mismatched output directory): shown without a traceback."""
 
 
 class _BadSample(Exception):
@@ -311,30 +309,6 @@ def _run_tasks(tasks: list[_ShardTask], workers: int, log: Callable[[str], None]
     return [results[task.index] for task in tasks]
 
 
-def _check_out(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse an output directory that holds shards made from another input (or shard size)."""
-    try:
-        manifest = read_manifest(out)
-    except ValueError as exc:
-        raise ShardError(str(exc)) from exc
-    if manifest is not None:
-        previous = manifest.extra
-    elif (out / STATE_NAME).exists():
-        try:
-            previous = json.loads((out / STATE_NAME).read_text())
-        except json.JSONDecodeError:
-            previous = {}
-    elif any(out.glob("*.tar")):
-        raise ShardError(f"{out} holds .tar files not written by this tool; pick a new --out or delete it")
-    else:
-        return
-    previous = previous if isinstance(previous, dict) else {}
-    changed = [k for k in identity if previous.get(k) != identity[k]]
-    if changed:
-        raise ShardError(f"{out} holds shards made from a different input (changed: {', '.join(changed)}); "
-                         "pick a new --out or delete it")
-
-
 def make_shards(images: str | os.PathLike, captions: str | os.PathLike, out: str | os.PathLike, *,
                 fmt: str = "auto", shard_size: int = 1000, image_key: str | None = None,
                 caption_key: str | None = None, strict: bool = False, workers: int = 1,
@@ -360,11 +334,8 @@ def make_shards(images: str | os.PathLike, captions: str | os.PathLike, out: str
         raise ShardError(f"{source}: row {bad.index} (key {bad.key}): bad_row: {bad.error}")
 
     identity = {"source_sha256": sha256_file(source), "format": fmt, "shard_size": shard_size}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_out(out_dir, identity)
-    atomic_write_text(out_dir / STATE_NAME, json.dumps(identity) + "\n")
-    for stale in out_dir.glob(".*.tmp-*"):  # left by a killed run
-        stale.unlink(missing_ok=True)
+    check_output_dir(out_dir, STATE_NAME, identity, "holds shards made from a different input")
+    claim_output_dir(out_dir, STATE_NAME, identity)
 
     tasks = [_ShardTask(i, rows[start:start + shard_size], str(out_dir), str(images_dir), str(source), strict)
              for i, start in enumerate(range(0, len(rows), shard_size))]

@@ -9,6 +9,11 @@ crash leaves either a finished shard or no shard.  Every shard directory carries
      "total": 1024, "extra": {…}}
 
 The training pipeline reads per-shard sample counts from it (exact epochs need them).
+
+The shard tools that derive one shard directory from another (scene graphs, teacher features) share the
+output-directory contract with :func:`make_shards`: :func:`read_input_manifest` checks the input,
+:func:`check_output_dir` refuses an output begun from another input, :func:`claim_output_dir` records the
+run's identity in a state file (until the manifest records it) and drops the temp files a killed run left.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,10 @@ import webdataset as wds
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "kclip_ds/shards/v1"
+
+
+class ShardError(Exception):
+    """A user error (bad input, bad flags, mismatched output directory): shown without a traceback."""
 
 
 @dataclass
@@ -88,6 +98,73 @@ def read_manifest(directory: str | os.PathLike) -> Manifest | None:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a kclip_ds shard manifest ({exc}); delete it and rerun the shard tool") from exc
     return Manifest(shards=shards, extra=payload.get("extra", {}))
+
+
+def read_input_manifest(source: Path, out: Path) -> Manifest:
+    """The manifest of the input shard directory ``source``, whose shards must all be there at the recorded
+    size; refuses ``out`` == ``source`` (the input is never modified)."""
+    try:
+        manifest = read_manifest(source) if source.is_dir() else None
+    except ValueError as exc:
+        raise ShardError(str(exc)) from exc
+    if manifest is None:
+        raise ShardError(f"{source}: no manifest.json; point --input at a shard directory written by "
+                         "tools/make_shards.py or tools/make_demo_data.py")
+    if out.resolve() == source.resolve():
+        raise ShardError(f"--out {out} is the input directory; pick another (the input is never modified)")
+    broken = [s.name for s in manifest.shards
+              if not (source / s.name).is_file() or (source / s.name).stat().st_size != s.bytes]
+    if broken:
+        raise ShardError(f"{source}: {', '.join(broken)} missing, or not the size its manifest.json records; "
+                         "rebuild the input shards")
+    return manifest
+
+
+def _recorded_identity(out: Path, state_name: str, tool: str) -> dict[str, Any] | None:
+    """What an earlier run recorded in ``out``: its manifest's ``extra``, else its ``state_name`` file ({} when
+    unreadable); None for a new or empty directory.  Refuses .tar files that neither describes."""
+    try:
+        manifest = read_manifest(out)
+    except ValueError as exc:
+        raise ShardError(str(exc)) from exc
+    state = out / state_name
+    if manifest is not None:
+        previous = manifest.extra
+    elif state.is_file():
+        try:
+            previous = json.loads(state.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+    elif any(out.glob("*.tar")):
+        raise ShardError(f"{out} holds .tar files not written by {tool}; pick a new --out or delete it")
+    else:
+        return None
+    return previous if isinstance(previous, dict) else {}
+
+
+def check_output_dir(out: Path, state_name: str, identity: dict[str, Any], mismatch: str, *,
+                     tool: str = "this tool",
+                     compared: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """Refuse ``out`` when an earlier run there recorded another identity, or when it holds .tar files of
+    another tool.  ``compared`` picks what must match from an identity (default: the keys of ``identity``);
+    ``mismatch`` says what differs, e.g. "was made from another source or teacher"."""
+    previous = _recorded_identity(out, state_name, tool)
+    if previous is None:
+        return
+    pick = compared or (lambda record: {k: record.get(k) for k in identity})
+    was, now = pick(previous), pick(identity)
+    changed = [k for k in now if was.get(k) != now[k]]
+    if changed:
+        raise ShardError(f"{out} {mismatch} (changed: {', '.join(changed)}); pick a new --out or delete it")
+
+
+def claim_output_dir(out: Path, state_name: str, identity: dict[str, Any]) -> None:
+    """Record ``identity`` in ``out/state_name`` before the first shard (so that no shard is ever unclaimed;
+    the manifest takes over once written) and drop the temp files a killed run left."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / state_name, json.dumps(identity) + "\n")
+    for stale in out.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
 
 
 class AtomicShardWriter:

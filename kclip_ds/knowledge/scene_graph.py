@@ -47,13 +47,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kclip_ds.data.make_shards import ShardError
 from kclip_ds.data.shards import (
     AtomicShardWriter,
     Manifest,
+    ShardError,
     ShardInfo,
     atomic_write_text,
-    read_manifest,
+    check_output_dir,
+    claim_output_dir,
+    read_input_manifest,
     sha256_file,
     write_manifest,
 )
@@ -433,22 +435,6 @@ def _run(tasks: list[_ShardTask], workers: int, log: Callable[[str], None]) -> l
     return [results[task.name] for task in tasks]
 
 
-def _check_out(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse an output directory written from another input, member name or parser version."""
-    try:
-        manifest = read_manifest(out)
-    except ValueError as exc:
-        raise ShardError(str(exc)) from exc
-    state = out / STATE_NAME
-    previous = manifest.extra if manifest is not None else json.loads(state.read_text()) if state.exists() else None
-    if previous is None and any(out.glob("*.tar")):
-        raise ShardError(f"{out} holds .tar files not written by this tool; pick a new --out or delete it")
-    changed = [k for k in identity if previous is not None and previous.get(k) != identity[k]]
-    if changed:
-        raise ShardError(f"{out} was written from a different input or parser (changed: {', '.join(changed)}); "
-                         "pick a new --out or delete it")
-
-
 def parse_shards(source: str | os.PathLike, out: str | os.PathLike, *, keep_existing: bool = False,
                  workers: int = 1, model: str = SPACY_MODEL, log: Callable[[str], None] = print) -> Manifest:
     """Copy every shard of ``source`` to ``out`` (same names and samples) with each caption's parsed graph
@@ -459,30 +445,14 @@ def parse_shards(source: str | os.PathLike, out: str | os.PathLike, *, keep_exis
     Raises :class:`ShardError` on user errors.
     """
     source, out = Path(source), Path(out)
-    try:
-        manifest = read_manifest(source) if source.is_dir() else None
-    except ValueError as exc:
-        raise ShardError(str(exc)) from exc
-    if manifest is None:
-        raise ShardError(f"{source}: no manifest.json; point --input at a shard directory written by "
-                         "tools/make_shards.py or tools/make_demo_data.py")
-    if out.resolve() == source.resolve():
-        raise ShardError(f"--out {out} is the input directory; pick another (the input is never modified)")
+    manifest = read_input_manifest(source, out)
     if workers < 1:
         raise ShardError("--workers must be at least 1")
-    for shard in manifest.shards:
-        path = source / shard.name
-        if not path.is_file() or path.stat().st_size != shard.bytes:
-            raise ShardError(f"{path}: missing, or not the size {source / 'manifest.json'} records; "
-                             "rebuild the input shards")
     member = "sg_parsed.json" if keep_existing else "sg.json"
     identity = {"source_manifest_sha256": sha256_file(source / "manifest.json"), "member": member,
                 "versions": parser_versions(model)}
-    out.mkdir(parents=True, exist_ok=True)
-    _check_out(out, identity)
-    atomic_write_text(out / STATE_NAME, json.dumps(identity) + "\n")
-    for stale in out.glob(".*.tmp-*"):  # left by a killed run
-        stale.unlink(missing_ok=True)
+    check_output_dir(out, STATE_NAME, identity, "was written from a different input or parser")
+    claim_output_dir(out, STATE_NAME, identity)
 
     results = _run([_ShardTask(str(source), str(out), s.name, member, model) for s in manifest.shards], workers, log)
     totals = {k: sum(r.stats[k] for r in results) for k in _COUNTS}

@@ -15,7 +15,6 @@ from another input or teacher is refused (the same contract as ``scene_graph.par
 from __future__ import annotations
 
 import functools
-import json
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -28,13 +27,14 @@ from typing import Any
 import torch
 
 from kclip_ds.config import ModelConfig
-from kclip_ds.data.make_shards import ShardError
 from kclip_ds.data.shards import (
     AtomicShardWriter,
     Manifest,
+    ShardError,
     ShardInfo,
-    atomic_write_text,
-    read_manifest,
+    check_output_dir,
+    claim_output_dir,
+    read_input_manifest,
     sha256_file,
     write_manifest,
 )
@@ -173,33 +173,12 @@ def _write_shards(tasks: list[_ShardTask], workers: int, log: Callable[[str], No
     return [infos[task.out] for task in tasks]
 
 
-def _refuse_foreign_out(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse an output directory begun from another input or teacher, or holding shards of another tool."""
-    try:
-        manifest = read_manifest(out)
-    except ValueError as exc:
-        raise ShardError(str(exc)) from exc
-    state = out / STATE_NAME
-    if manifest is not None:
-        before = manifest.extra
-    elif state.is_file():
-        before = json.loads(state.read_text())
-    elif any(out.glob("*.tar")):
-        raise ShardError(f"{out} holds .tar files not written by precompute_teacher; pick a new --out or delete it")
-    else:
-        return
-    was = {"source_manifest_sha256": before.get("source_manifest_sha256"), **_teacher_identity(before.get("teacher"))}
-    now = {"source_manifest_sha256": identity["source_manifest_sha256"], **_teacher_identity(identity["teacher"])}
-    changed = [name for name in now if was[name] != now[name]]
-    if changed:
-        raise ShardError(f"{out} was made from another source or teacher (changed: {', '.join(changed)}); "
-                         f"pick a new --out or delete it")
-
-
-def _teacher_identity(record: dict[str, Any] | None) -> dict[str, Any]:
-    """What makes two teachers the same: the arch and the weights' bytes (not the path they were read from)."""
-    record = record or {}
-    return {"teacher.arch": record.get("arch"), "teacher.pretrained_sha256": record.get("pretrained_sha256")}
+def _same_run(identity: dict[str, Any]) -> dict[str, Any]:
+    """What a rerun must match: the source manifest, the teacher's arch and its weights' bytes (not the path
+    they were read from)."""
+    teacher = identity.get("teacher") or {}
+    return {"source_manifest_sha256": identity.get("source_manifest_sha256"), "teacher.arch": teacher.get("arch"),
+            "teacher.pretrained_sha256": teacher.get("pretrained_sha256")}
 
 
 def precompute_teacher(source_dir: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str, pretrained: str,
@@ -213,22 +192,9 @@ def precompute_teacher(source_dir: str | os.PathLike, out_dir: str | os.PathLike
     identity and ``"teacher"`` (see :func:`teacher_spec`).  Raises :class:`ShardError` on user errors.
     """
     source, out = Path(source_dir), Path(out_dir)
-    try:
-        source_manifest = read_manifest(source) if source.is_dir() else None
-    except ValueError as exc:
-        raise ShardError(str(exc)) from exc
-    if source_manifest is None:
-        raise ShardError(f"{source}: no manifest.json; point --input at a shard directory written by "
-                         "tools/make_shards.py or tools/make_demo_data.py")
-    if out.resolve() == source.resolve():
-        raise ShardError(f"--out {out} is the input directory; pick another (the input is never modified)")
+    source_manifest = read_input_manifest(source, out)
     if workers < 1 or batch_size < 1:
         raise ShardError(f"--workers ({workers}) and --batch-size ({batch_size}) must be at least 1")
-    broken = [s.name for s in source_manifest.shards
-              if not (source / s.name).is_file() or (source / s.name).stat().st_size != s.bytes]
-    if broken:
-        raise ShardError(f"{source}: {', '.join(broken)} missing, or not the size its manifest.json records; "
-                         "rebuild the input shards")
     try:
         torch_device = torch.device(device)
     except RuntimeError:
@@ -246,17 +212,15 @@ def precompute_teacher(source_dir: str | os.PathLike, out_dir: str | os.PathLike
     teacher = {"arch": arch, "pretrained": where, "pretrained_sha256": weights_sha256}
     identity = {"source": str(source.resolve()), "source_manifest_sha256": sha256_file(source / "manifest.json"),
                 "teacher": teacher}
-    _refuse_foreign_out(out, identity)
+    check_output_dir(out, STATE_NAME, identity, "was made from another source or teacher", tool="precompute_teacher",
+                     compared=_same_run)
     # Loaded before anything is written, so that a wrong --arch leaves no directory claimed by that arch.  The
     # parent loads the teacher also with workers > 1: its dim and logit scale exp(τ) (the KD loss scales the
     # teacher's similarities by it) go in the manifest.
     towers = _load_teacher(arch, pretrained, weights_sha256, device)
     teacher.update(dim=int(towers.model.visual.output_dim), dtype="float16",
                    logit_scale=float(towers.model.logit_scale.exp().reshape(-1)[0]))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / STATE_NAME, json.dumps(identity) + "\n")
-    for stale in out.glob(".*.tmp-*"):  # left by a killed run
-        stale.unlink(missing_ok=True)
+    claim_output_dir(out, STATE_NAME, identity)
 
     log(f"teacher {arch} ({pretrained or 'random init'}): dim {teacher['dim']}, on {device}, "
         f"batch size {batch_size}, {workers} worker(s)")
