@@ -40,7 +40,7 @@ from kclip_ds.data.shards import (
     AtomicShardWriter,
     Manifest,
     ShardInfo,
-    atomic_write_text,
+    claim_output_dir,
     count_tar_samples,
     read_manifest,
     sha256_file,
@@ -221,11 +221,8 @@ def write_shard_set(directory: str | os.PathLike, num_samples: int, make_sample:
     manifest = read_manifest(directory) if previous is not None else None
     if _complete(directory, manifest, num_samples):
         return ShardSetResult(directory, manifest, 0, 0, skipped=True)  # type: ignore[arg-type]
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / STATE_NAME, json.dumps(identity) + "\n")  # first: shards are never unclaimed
+    claim_output_dir(directory, STATE_NAME, identity)
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
-    for stale in directory.glob(".*.tmp-*"):  # left by a killed run
-        stale.unlink(missing_ok=True)
     shards: list[ShardInfo] = []
     written = reused = 0
     starts = range(0, num_samples, shard_size)
