@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kclip_ds.kernels.tiled_infonce import (
     NEG_INF,
@@ -30,7 +29,7 @@ from kclip_ds.kernels.tiled_infonce import (
     zero_padding,
 )
 from kclip_ds.losses.contrastive import gather_features, gather_mask
-from kclip_ds.losses.ranking import _check_mask, _world_and_rank
+from kclip_ds.losses.ranking import MaxViolationHinge
 
 
 def valid_rows(valid: torch.Tensor) -> torch.Tensor | slice:
@@ -107,31 +106,19 @@ class TiledHardestNegative(torch.autograd.Function):
         return dx.to(x.dtype), dy.to(y.dtype), None, None, None, None, None
 
 
-class TiledMaxViolationHinge(nn.Module):
-    """Drop-in for :class:`~kclip_ds.losses.ranking.MaxViolationHinge` (same forward, same result)."""
+class TiledMaxViolationHinge(MaxViolationHinge):
+    """Drop-in for :class:`~kclip_ds.losses.ranking.MaxViolationHinge` (same forward, same result), in tiles."""
 
     def __init__(self, margin: float = 0.2, warmup_mean_includes_positive: bool = False,
                  tile: int = 1024) -> None:
-        super().__init__()
         assert tile >= 1, f"tile must be >= 1, got {tile}"
-        self.margin = margin
-        self.warmup_mean_includes_positive = warmup_mean_includes_positive
+        super().__init__(margin, warmup_mean_includes_positive)
         self.tile = tile
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 valid: torch.Tensor | None = None, mean_text_to_image: bool = False) -> torch.Tensor:
-        """image_features v, text_features t: [B, D] (t need not be unit length); valid: [B] bool.
-
-        ``mean_text_to_image``: the warm-up, mean instead of max over negatives for text→image only.
-        """
-        assert image_features.ndim == 2, f"image_features must be [B, D], got {tuple(image_features.shape)}"
-        assert text_features.shape == image_features.shape, (
-            f"text_features {tuple(text_features.shape)} != image_features {tuple(image_features.shape)}")
-        batch = image_features.shape[0]
-        valid = _check_mask(valid, "valid", batch, image_features.device)
-        world, rank = _world_and_rank()
-
-        v, t = image_features.float(), text_features.float()
+        v, t, valid, world, rank = self._inputs(image_features, text_features, valid)
+        batch = v.shape[0]
         all_valid = gather_mask(valid)
         if world == 1:
             all_v = v

@@ -56,20 +56,24 @@ class MaxViolationHinge(nn.Module):
         self.margin = margin
         self.warmup_mean_includes_positive = warmup_mean_includes_positive
 
+    @staticmethod
+    def _inputs(image_features: torch.Tensor, text_features: torch.Tensor,
+                valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """The checked inputs of forward: v, t [B, D] as fp32, valid [B] bool (None: every row), world, rank."""
+        assert image_features.ndim == 2, f"image_features must be [B, D], got {tuple(image_features.shape)}"
+        assert text_features.shape == image_features.shape, (
+            f"text_features {tuple(text_features.shape)} != image_features {tuple(image_features.shape)}")
+        valid = _check_mask(valid, "valid", image_features.shape[0], image_features.device)
+        return image_features.float(), text_features.float(), valid, *_world_and_rank()
+
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 valid: torch.Tensor | None = None, mean_text_to_image: bool = False) -> torch.Tensor:
         """image_features v, text_features t: [B, D] (t need not be unit length); valid: [B] bool.
 
         ``mean_text_to_image``: the warm-up, mean instead of max over negatives for text→image only.
         """
-        assert image_features.ndim == 2, f"image_features must be [B, D], got {tuple(image_features.shape)}"
-        assert text_features.shape == image_features.shape, (
-            f"text_features {tuple(text_features.shape)} != image_features {tuple(image_features.shape)}")
-        batch = image_features.shape[0]
-        valid = _check_mask(valid, "valid", batch, image_features.device)
-        world, rank = _world_and_rank()
-
-        v, t = image_features.float(), text_features.float()
+        v, t, valid, world, rank = self._inputs(image_features, text_features, valid)
+        batch = v.shape[0]
         all_v, all_t = gather_features(v), gather_features(t)
         all_valid = gather_mask(valid)
         labels = torch.arange(batch, device=v.device) + rank * batch
