@@ -28,6 +28,7 @@ from kclip_ds.data.plan import derive_seed
 from kclip_ds.data.sources import DataError
 from kclip_ds.data.transforms import SampleDecoder
 from kclip_ds.eval.runner import evaluate
+from kclip_ds.kernels import loss_path
 from kclip_ds.knowledge.teacher import teacher_spec
 from kclip_ds.knowledge.triplet_batch import TripletRows, TripletSpec, relation_vocabulary
 from kclip_ds.logs import MetricsLog, setup_logging
@@ -109,6 +110,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
                          shuffle_buffer=cfg.data.shuffle_buffer)
     engine = eng.initialize(build_method(cfg.method, towers), cfg, world, ds_config)
     device, dtype = engine.device, eng.compute_dtype(engine)
+    # Named here, where the device is known: on CUDA "auto" picks the Triton tiles (each call logs it too).
+    log.info("loss path on %s: %s", device, loss_path(cfg.method.fused_loss, cfg.method.loss_tile, device))
 
     step = micro = corrupt_total = 0
     if cfg.train.resume == "auto":  # resume when a checkpoint exists (Slurm requeue), else start fresh

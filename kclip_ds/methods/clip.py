@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kclip_ds.config import MethodConfig
-from kclip_ds.kernels import build_contrastive_loss, loss_path
+from kclip_ds.kernels import build_contrastive_loss
 
 MAX_LOGIT_SCALE = 100.0
 log = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ class ClipMethod(nn.Module):
         cfg = cfg if cfg is not None else MethodConfig()
         self.model = model
         self.contrastive = build_contrastive_loss(cfg.fused_loss, cfg.loss_tile)
-        log.info("contrastive loss: %s", loss_path(cfg.fused_loss, cfg.loss_tile))
 
     def forward(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None, neg_texts: torch.Tensor | None = None,

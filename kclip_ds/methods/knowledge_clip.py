@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kclip_ds.config import MethodConfig
-from kclip_ds.kernels import build_contrastive_loss, loss_path
+from kclip_ds.kernels import build_contrastive_loss
 from kclip_ds.losses.knowledge import DistillationLoss, EntityContrastiveLoss, GlobalCrossEntropy
 from kclip_ds.models.graph import ElementEncoder, TripleEncoder
 
@@ -95,10 +95,9 @@ class KnowledgeClipMethod(nn.Module):
             teacher = copy.deepcopy(model).eval().requires_grad_(False).to(dtype)
             teacher.set_grad_checkpointing(False)
             self._teacher.append(teacher)
-        log.info("Knowledge-CLIP: weights %s, %d relations, E2R %s, KD teacher %s; contrastive loss: %s",
+        log.info("Knowledge-CLIP: weights %s, %d relations, E2R %s, KD teacher %s",
                  self.weights, len(relation_tokens), cfg.e2r_mode,
-                 "off" if cfg.kd_weight == 0 else f"{cfg.kd_teacher} ({cfg.kd_teacher_dtype})",
-                 loss_path(cfg.fused_loss, cfg.loss_tile))
+                 "off" if cfg.kd_weight == 0 else f"{cfg.kd_teacher} ({cfg.kd_teacher_dtype})")
 
     # ------------------------------------------------------------------------------------------- teacher
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kclip_ds.config import MethodConfig
-from kclip_ds.kernels import build_contrastive_loss, build_hinge, loss_path
+from kclip_ds.kernels import build_contrastive_loss, build_hinge
 from kclip_ds.losses.ranking import NegativeMarginLoss
 from kclip_ds.models.graph import TripleEncoder
 
@@ -40,9 +40,6 @@ class StructureClipMethod(nn.Module):
         self.hinge = build_hinge(cfg.hinge_margin, cfg.fused_loss, cfg.loss_tile)
         self.negative = NegativeMarginLoss(margin=cfg.neg_margin)  # O(B·D) already: nothing to tile
         self.contrastive = build_contrastive_loss(cfg.fused_loss, cfg.loss_tile)
-        log.info("ranking loss: %s", loss_path(cfg.fused_loss, cfg.loss_tile))
-        if self.infonce_weight:
-            log.info("contrastive loss: %s", loss_path(cfg.fused_loss, cfg.loss_tile))
 
     def forward(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None, neg_texts: torch.Tensor | None = None,
