@@ -102,6 +102,26 @@ def check_cross_entropy_args(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor |
     assert tile >= 1, f"tile must be >= 1, got {tile}"
 
 
+def save_cross_entropy(ctx, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, scale: torch.Tensor,
+                       x_valid: torch.Tensor, y_valid: torch.Tensor, z_valid: torch.Tensor | None, offset: int,
+                       with_columns: bool, tile: int, row_lse: torch.Tensor, col_lse: torch.Tensor,
+                       label_logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The end of forward (here and in the Triton twin): saves what :func:`saved_cross_entropy` gives back and
+    returns the CE vectors rows [B], cols [N] (LSE − label logit, 0 on masked entries)."""
+    ctx.save_for_backward(x, y, z, scale, x_valid, y_valid, z_valid, row_lse, col_lse)
+    ctx.offset, ctx.with_columns, ctx.tile = offset, with_columns, tile
+    rows_ce = (row_lse - label_logit).masked_fill_(~x_valid, 0.0)
+    cols_ce = (col_lse - label_logit).masked_fill_(~y_valid, 0.0) if with_columns else col_lse
+    return rows_ce, cols_ce
+
+
+def saved_cross_entropy(ctx) -> tuple:
+    """What :func:`save_cross_entropy` saved, in its argument order: x, y, z, scale, x_valid, y_valid, z_valid,
+    offset, with_columns, tile, row_lse, col_lse."""
+    x, y, z, scale, x_valid, y_valid, z_valid, row_lse, col_lse = ctx.saved_tensors
+    return x, y, z, scale, x_valid, y_valid, z_valid, ctx.offset, ctx.with_columns, ctx.tile, row_lse, col_lse
+
+
 class TiledCrossEntropy(torch.autograd.Function):
     """Cross-entropies of the logits s·X·Yᵀ (with s·X·Zᵀ as extra columns), never holding more than a
     tile × tile block; row i's label is column ``offset + i``.
@@ -149,16 +169,13 @@ class TiledCrossEntropy(torch.autograd.Function):
                     if with_cols:
                         col_lse[c] = torch.logaddexp(col_lse[c], logsumexp_into(logits, 0, scratch(1, r, c)))
 
-        ctx.save_for_backward(x, y, z, scale, x_valid, y_valid, z_valid, row_lse, col_lse)
-        ctx.offset, ctx.with_columns, ctx.tile = offset, with_columns, tile
-        rows_ce = (row_lse - label_logit).masked_fill_(~x_valid, 0.0)
-        cols_ce = (col_lse - label_logit).masked_fill_(~y_valid, 0.0) if with_columns else col_lse
-        return rows_ce, cols_ce
+        return save_cross_entropy(ctx, x, y, z, scale, x_valid, y_valid, z_valid, offset, with_columns, tile,
+                                  row_lse, col_lse, label_logit)
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor, grad_cols: torch.Tensor):
-        x, y, z, scale, x_valid, y_valid, z_valid, row_lse, col_lse = ctx.saved_tensors
-        offset, with_columns, tile = ctx.offset, ctx.with_columns, ctx.tile
+        x, y, z, scale, x_valid, y_valid, z_valid, offset, with_columns, tile, row_lse, col_lse = (
+            saved_cross_entropy(ctx))
         n_rows = x.shape[0]
         s = float(scale.detach().float().reshape(()))
         x_pad, y_pad, z_pad = padding(x_valid), padding(y_valid), padding(z_valid)

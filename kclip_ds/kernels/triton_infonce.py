@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kclip_ds.kernels.tiled_infonce import check_cross_entropy_args
+from kclip_ds.kernels.tiled_infonce import check_cross_entropy_args, save_cross_entropy, saved_cross_entropy
 
 try:
     import triton
@@ -251,19 +251,16 @@ class TritonCrossEntropy(torch.autograd.Function):
         label_logit = s * torch.linalg.vecdot(masked_rows(x, x_valid),
                                               masked_rows(y[offset:offset + n_rows], x_valid))
 
-        ctx.save_for_backward(x, y, z, scale, x_valid, y_valid, z_valid, row_lse_, col_lse)
-        ctx.offset, ctx.with_columns, ctx.tile = offset, with_columns, tile
-        rows_ce = (row_lse_ - label_logit).masked_fill_(~x_valid, 0.0)
-        cols_ce = (col_lse - label_logit).masked_fill_(~y_valid, 0.0) if with_columns else col_lse
-        return rows_ce, cols_ce
+        return save_cross_entropy(ctx, x, y, z, scale, x_valid, y_valid, z_valid, offset, with_columns, tile,
+                                  row_lse_, col_lse, label_logit)
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor, grad_cols: torch.Tensor):
-        x, y, z, scale, x_valid, y_valid, z_valid, row_lse_, col_lse = ctx.saved_tensors
-        offset, with_columns = ctx.offset, ctx.with_columns
+        x, y, z, scale, x_valid, y_valid, z_valid, offset, with_columns, tile, row_lse_, col_lse = (
+            saved_cross_entropy(ctx))
         n_rows = x.shape[0]
         s = float(scale.detach().float().reshape(()))
-        blocks = Blocks.choose(ctx.tile, x.shape[1], x.dtype)
+        blocks = Blocks.choose(tile, x.shape[1], x.dtype)
         need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
         need_y = ctx.needs_input_grad[1]
         need_z = z is not None and ctx.needs_input_grad[2]
