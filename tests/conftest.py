@@ -72,6 +72,24 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture
+def kill_after_first_shard():
+    """``kill(run, out, partial)``: calls ``run(log)``, a shard tool writing two shards to ``out``, and stops it
+    as a kill after shard 0 would (no manifest yet); then leaves ``partial`` as shard 1's temp file, a
+    half-written shard for the rerun to replace."""
+    def stop(line: str) -> None:
+        if line.startswith("[1/2]"):
+            raise KeyboardInterrupt
+
+    def kill(run, out: Path, partial: bytes) -> None:
+        with pytest.raises(KeyboardInterrupt):
+            run(stop)
+        assert [p.name for p in out.glob("*.tar")] == ["000000.tar"] and not (out / "manifest.json").exists()
+        (out / ".000001.tar.tmp-99999").write_bytes(partial)
+
+    return kill
+
+
 def train_spec(root: Path) -> str:
     n = len(list((root / "train").glob("*.tar")))
     return f"{root}/train/{{000000..{n - 1:06d}}}.tar"

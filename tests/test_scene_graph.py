@@ -209,7 +209,7 @@ def _samples(path: Path) -> dict[str, dict[str, bytes]]:
     return dict(sg._read_samples(path))
 
 
-def test_tool_writes_parsed_shards(parser, tmp_path):
+def test_tool_writes_parsed_shards(parser, tmp_path, kill_after_first_shard):
     source = _write_input(tmp_path / "in")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "tools/parse_scene_graphs.py", "--input", str(source), "--out", str(out),
@@ -250,15 +250,8 @@ def test_tool_writes_parsed_shards(parser, tmp_path):
 
     # A run killed after shard 0, with shard 1 half-written (only its temp file exists) and no manifest yet.
     killed = tmp_path / "killed"
-
-    def kill_after_first_shard(line: str) -> None:
-        if line.startswith("[1/2]"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        sg.parse_shards(source, killed, workers=1, log=kill_after_first_shard)
-    assert [p.name for p in killed.glob("*.tar")] == ["000000.tar"] and not (killed / "manifest.json").exists()
-    (killed / ".000001.tar.tmp-99999").write_bytes((out / "000001.tar").read_bytes()[:1000])
+    kill_after_first_shard(lambda log: sg.parse_shards(source, killed, workers=1, log=log), killed,
+                           (out / "000001.tar").read_bytes()[:1000])
     logs.clear()
     sg.parse_shards(source, killed, workers=1, log=logs.append)
     assert "1 written, 1 skipped" in logs[-2]
