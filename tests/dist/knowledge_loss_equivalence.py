@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from loss_equivalence import compare, fresh_params
+from loss_equivalence import compare, finish, fresh_params
 
 from kclip_ds.losses.knowledge import DistillationLoss, EntityContrastiveLoss, GlobalCrossEntropy
 
@@ -72,10 +72,7 @@ def main() -> int:
     loss = loss + 0.0 * params[1].sum()  # w_k takes no part: both sides get a zero gradient for it
     failures += compare("relation cross-entropy", "single process", loss, params, ref, ref_params, rank, world)
 
-    for f in failures:
-        print(f"rank {rank}: MISMATCH {f}")
-    dist.destroy_process_group()
-    return 1 if failures else 0
+    return finish(failures, rank)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
 
 from kclip_ds.losses.contrastive import ContrastiveLoss
 
 
 def main() -> int:
+    from open_clip.loss import ClipLoss  # here: the scripts that reuse compare() need no open_clip
+
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -48,10 +49,7 @@ def main() -> int:
     ref = negclip_reference(F.normalize(x_img @ r_img, dim=-1), F.normalize(x_txt @ r_txt, dim=-1),
                             F.normalize(x_neg @ r_txt, dim=-1), has_neg, r_scale.exp())
     failures += compare("negclip", "single process", loss, params, ref, ref_params, rank, world)
-    for f in failures:
-        print(f"rank {rank}: MISMATCH {f}")
-    dist.destroy_process_group()
-    return 1 if failures else 0
+    return finish(failures, rank)
 
 
 def fresh_params(w_img0: torch.Tensor, w_txt0: torch.Tensor) -> list[torch.Tensor]:
@@ -59,11 +57,13 @@ def fresh_params(w_img0: torch.Tensor, w_txt0: torch.Tensor) -> list[torch.Tenso
     return [w_img0.clone().requires_grad_(), w_txt0.clone().requires_grad_(), torch.tensor([2.3], requires_grad=True)]
 
 
-def compare(case: str, reference: str, loss, params, ref, ref_params, rank: int, world: int) -> list[str]:
-    """Backward both; average the per-rank loss and gradients over ranks as DeepSpeed does; compare."""
+def compare(case: str, reference: str, loss, params, ref, ref_params, rank: int, world: int,
+            names: tuple[str, ...] = ("w_img", "w_txt", "logit_scale")) -> list[str]:
+    """Backward both; average the per-rank loss and gradients over ranks as DeepSpeed does; compare.
+    ``names``: of the params, for the messages; a param without a gradient counts as a zero gradient."""
     loss.backward()
     ref.backward()
-    grads = [p.grad.clone() for p in params]
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     for g in grads:
         dist.all_reduce(g)
         g /= world  # DeepSpeed averages gradients over data-parallel ranks
@@ -73,12 +73,21 @@ def compare(case: str, reference: str, loss, params, ref, ref_params, rank: int,
     failures = []
     if not torch.allclose(mean_loss, ref.detach(), atol=1e-6, rtol=1e-6):
         failures.append(f"{case}: loss {mean_loss.item()} != {reference} {ref.item()}")
-    for name, g, p in zip(("w_img", "w_txt", "logit_scale"), grads, ref_params):
-        if not torch.allclose(g, p.grad, atol=1e-6, rtol=1e-5):
-            failures.append(f"{case}: grad {name} max diff {(g - p.grad).abs().max().item():.3e}")
+    for name, g, p in zip(names, grads, ref_params, strict=True):
+        r = p.grad if p.grad is not None else torch.zeros_like(g)
+        if not torch.allclose(g, r, atol=1e-6, rtol=1e-5):
+            failures.append(f"{case}: grad {name} max diff {(g - r).abs().max().item():.3e}")
     if rank == 0:
         print(f"{case}: loss {mean_loss.item():.7f} vs {reference} {ref.item():.7f}")
     return failures
+
+
+def finish(failures: list[str], rank: int) -> int:
+    """Print this rank's mismatches and leave the process group; the exit code (0 = equal)."""
+    for f in failures:
+        print(f"rank {rank}: MISMATCH {f}")
+    dist.destroy_process_group()
+    return 1 if failures else 0
 
 
 def negclip_reference(img, txt, neg, has_neg, scale) -> torch.Tensor:

@@ -9,6 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from loss_equivalence import compare, finish
 
 from kclip_ds.losses.ranking import MaxViolationHinge, NegativeMarginLoss
 
@@ -72,15 +73,6 @@ def main() -> int:
                 v, t, valid[rows], mean_text_to_image=mode != "max")
         else:
             loss = NegativeMarginLoss()(v, c, c_neg, neg_valid[rows], valid[rows])
-        loss.backward()
-        grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
-        for g in grads.values():
-            dist.all_reduce(g)
-            g /= world  # DeepSpeed averages gradients over data-parallel ranks
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        mean_loss /= world
-
         ref_params = {k: w.clone().requires_grad_() for k, w in w0.items()}
         if kind == "hinge":
             rv, _, _, rt = features(ref_params, valid)
@@ -92,20 +84,9 @@ def main() -> int:
                 ref = reference_negative(rv, rc, rc_neg, 0.1)
             else:
                 ref = sum(p.sum() for p in ref_params.values()) * 0.0
-        ref.backward()
-        if not torch.allclose(mean_loss, ref.detach(), atol=1e-6, rtol=1e-6):
-            failures.append(f"{case}: loss {mean_loss.item()} != single process {ref.item()}")
-        for name, g in grads.items():
-            r = ref_params[name].grad
-            r = torch.zeros_like(g) if r is None else r
-            if not torch.allclose(g, r, atol=1e-6, rtol=1e-5):
-                failures.append(f"{case}: grad {name} max diff {(g - r).abs().max().item():.3e}")
-        if rank == 0:
-            print(f"{case}: loss {mean_loss.item():.7f} vs single process {ref.item():.7f}")
-    for f in failures:
-        print(f"rank {rank}: MISMATCH {f}")
-    dist.destroy_process_group()
-    return 1 if failures else 0
+        failures += compare(case, "single process", loss, list(params.values()), ref, list(ref_params.values()),
+                            rank, world, names=tuple(params))
+    return finish(failures, rank)
 
 
 if __name__ == "__main__":
