@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_tiled_loss import contrastive_case
 
 from kclip_ds.kernels import TiledContrastiveLoss, TiledCrossEntropy, build_contrastive_loss, loss_path
 from kclip_ds.losses.contrastive import ContrastiveLoss
@@ -65,13 +66,8 @@ def make_inputs(batch: int, dim: int, seed: int, dtype: torch.dtype = torch.floa
 
 def run_loss(loss_fn, leaves, valid, neg_valid, negatives: bool) -> list[torch.Tensor | None]:
     """[loss, d image, d text, d negatives (None without), d logit_scale] on fresh copies of the leaves."""
-    v, c, c_neg, scale = (x.detach().clone().requires_grad_() for x in leaves)
-    if negatives:
-        loss = loss_fn(v, c, scale, valid, neg_text_features=c_neg, neg_valid=neg_valid)
-    else:
-        loss = loss_fn(v, c, scale, valid)
-    loss.backward()
-    return [loss.detach(), v.grad, c.grad, c_neg.grad, scale.grad]
+    fresh = [x.detach().clone().requires_grad_() for x in leaves]
+    return contrastive_case(loss_fn, fresh, valid, neg_valid, negatives)
 
 
 def assert_close_all(got, want, tol: dict) -> None:
