@@ -47,20 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--shard-size must be at least 1")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    from kclip_ds.data.make_shards import ShardError, make_shards  # imported here: --help stays fast
+    from kclip_ds.data.make_shards import make_shards  # imported here: --help stays fast
+    from kclip_ds.data.shards import run_shard_tool
 
-    try:
-        make_shards(args.images, args.captions, args.out, fmt=args.format, shard_size=args.shard_size,
-                    image_key=args.image_key, caption_key=args.caption_key, strict=args.strict,
-                    workers=args.workers)
-    except (ShardError, OSError) as exc:
-        message = str(exc).replace("\n", " ")
-        print(f"make_shards: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("make_shards: interrupted; rerun to finish the missing shards", file=sys.stderr)
-        return 130
-    return 0
+    return run_shard_tool("make_shards", lambda: make_shards(
+        args.images, args.captions, args.out, fmt=args.format, shard_size=args.shard_size, image_key=args.image_key,
+        caption_key=args.caption_key, strict=args.strict, workers=args.workers))
 
 
 if __name__ == "__main__":

@@ -37,19 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    from kclip_ds.data.make_shards import ShardError  # imported here: --help stays fast
+    from kclip_ds.data.shards import run_shard_tool  # imported here: --help stays fast
     from kclip_ds.knowledge.scene_graph import parse_shards
 
-    try:
-        parse_shards(args.input, args.out, keep_existing=args.keep_existing, workers=args.workers)
-    except (ShardError, OSError, ImportError) as exc:
-        message = str(exc).replace("\n", " ")
-        print(f"parse_scene_graphs: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("parse_scene_graphs: interrupted; rerun to finish the missing shards", file=sys.stderr)
-        return 130
-    return 0
+    return run_shard_tool("parse_scene_graphs", lambda: parse_shards(
+        args.input, args.out, keep_existing=args.keep_existing, workers=args.workers), user_errors=(ImportError,))
 
 
 if __name__ == "__main__":

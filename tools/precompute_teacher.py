@@ -48,21 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.pretrained and not args.allow_random_teacher:
         parser.error("--pretrained '' means a random teacher; pass --allow-random-teacher (tests only) or a "
                      "weights file")
-    from kclip_ds.data.make_shards import ShardError  # imported here: --help stays fast
+    from kclip_ds.data.shards import run_shard_tool  # imported here: --help stays fast
     from kclip_ds.knowledge.teacher import precompute_teacher
 
-    try:
-        precompute_teacher(args.input, args.out, arch=args.arch, pretrained=args.pretrained,
-                           batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           allow_random=args.allow_random_teacher)
-    except (ShardError, OSError, ImportError) as exc:
-        message = str(exc).replace("\n", " ")
-        print(f"precompute_teacher: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("precompute_teacher: interrupted; rerun to finish the missing shards", file=sys.stderr)
-        return 130
-    return 0
+    return run_shard_tool("precompute_teacher", lambda: precompute_teacher(
+        args.input, args.out, arch=args.arch, pretrained=args.pretrained, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, allow_random=args.allow_random_teacher), user_errors=(ImportError,))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -165,6 +166,21 @@ def claim_output_dir(out: Path, state_name: str, identity: dict[str, Any]) -> No
     atomic_write_text(out / state_name, json.dumps(identity) + "\n")
     for stale in out.glob(".*.tmp-*"):
         stale.unlink(missing_ok=True)
+
+
+def run_shard_tool(prog: str, work: Callable[[], object], *, user_errors: tuple[type[Exception], ...] = ()) -> int:
+    """The exit code of a shard tool (tools/*.py) that runs ``work()``: 0 when it returns; 2 after a one-line
+    ``PROG: error: …`` on a :class:`ShardError`, an ``OSError`` or one of ``user_errors``; 130 on Ctrl-C."""
+    try:
+        work()
+    except (ShardError, OSError, *user_errors) as exc:
+        message = str(exc).replace("\n", " ")
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun to finish the missing shards", file=sys.stderr)
+        return 130
+    return 0
 
 
 class AtomicShardWriter:
