@@ -1,6 +1,6 @@
 """CLIP vs NegCLIP vs Structure-CLIP on the shapes world: same init, data, steps and seed.
 
-    python bench/structure_vs_clip.py --seeds 0 [--steps 600] [--out results.json]
+    python bench/structure_vs_clip.py --seeds 0 [--steps 600] [--variants clip,negclip] [--arch A] [--out r.json]
 
 Each variant is a 2-rank CPU run (torchrun, ZeRO-2) of configs/demo.yaml or configs/demo_structure.yaml;
 the table reports the final val relation-swap and attribute-swap accuracy, val R@1 (image→text) and the
@@ -25,6 +25,9 @@ VARIANTS = {
     "negclip": ("configs/demo.yaml", ["data.negatives=[relation,attribute]"]),
     "structure_clip": ("configs/demo_structure.yaml", []),
     "structure_clip+bias": ("configs/demo_structure.yaml", ["method.relation_bias=true"]),
+    # diagnostics for the attribute-swap question (docs/RESULTS.md): one kind of negative at a time
+    "negclip_attribute_only": ("configs/demo.yaml", ["data.negatives=[attribute]"]),
+    "negclip_relation_only": ("configs/demo.yaml", ["data.negatives=[relation]"]),
 }
 
 
@@ -34,8 +37,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(variant: str, seed: int, steps: int, root: Path) -> dict:
+def run(variant: str, seed: int, steps: int, root: Path, arch: str | None = None) -> dict:
     config, extra = VARIANTS[variant]
+    extra = [*extra, f"model.arch={arch}"] if arch else extra
     out = root / f"{variant}_seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -59,9 +63,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "structure_vs_clip")
+    parser.add_argument("--arch", help="model.arch for every variant (default: the configs' kclip-tiny), e.g. "
+                        "bench/archs/kclip-tiny-p8.json")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows = [run(v, int(s), args.steps, args.root) for s in args.seeds.split(",") for v in args.variants.split(",")]
+    rows = [run(v, int(s), args.steps, args.root, args.arch)
+            for s in args.seeds.split(",") for v in args.variants.split(",")]
     print(f"{'variant':<22}{'seed':>5}{'rel swap':>10}{'attr swap':>11}{'R@1':>8}{'step s':>9}")
     for r in rows:
         print(f"{r['variant']:<22}{r['seed']:>5}{r['relation_swap']:>10.3f}{r['attribute_swap']:>11.3f}"

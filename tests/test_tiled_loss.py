@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 
 import pytest
 import torch
@@ -236,20 +235,27 @@ def test_forward_saves_no_batch_by_batch_tensor(which: str) -> None:
     assert saved and max(saved) < batch * batch, f"a saved tensor holds {max(saved)} ≥ B² values"
 
 
-def test_config_switch_picks_the_path_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+def test_config_switch_picks_the_path_and_names_it() -> None:
+    from kclip_ds.kernels import loss_path
     from kclip_ds.methods.clip import ClipMethod
 
     assert load_config(None, []).method.fused_loss is False
     cfg = load_config(None, ["method.fused_loss=true", "method.loss_tile=256"]).method
     with pytest.raises(ConfigError, match="method.loss_tile"):
         load_config(None, ["method.loss_tile=0"])
-    with caplog.at_level(logging.INFO, logger="kclip_ds.methods.clip"):
-        tiled = ClipMethod(nn.Identity(), cfg)
-        dense = ClipMethod(nn.Identity(), MethodConfig())
+    tiled = ClipMethod(nn.Identity(), cfg)
+    dense = ClipMethod(nn.Identity(), MethodConfig())
     assert isinstance(tiled.contrastive, TiledContrastiveLoss) and tiled.contrastive.tile == 256
     assert isinstance(dense.contrastive, ContrastiveLoss)
-    assert "contrastive loss: tiled torch (tile 256)" in caplog.text
-    assert "contrastive loss: dense" in caplog.text
+    # kclip_ds.train logs this line once the engine's device is known
+    assert loss_path(True, 256, torch.device("cpu")) == "tiled torch (tile 256)"
+    assert loss_path(False, 256, torch.device("cpu")) == "dense"
+    if not torch.cuda.is_available():
+        return
+    from kclip_ds.kernels.triton_infonce import triton_available
+
+    want = "triton" if triton_available(torch.device("cuda")) else "torch"
+    assert loss_path(True, 256, torch.device("cuda")) == f"tiled {want} (tile 256)"
 
 
 @pytest.mark.parametrize("name", ["clip", "structure_clip"])

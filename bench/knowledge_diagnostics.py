@@ -1,0 +1,96 @@
+"""Where the hypernym zero-shot of a Fashion-MNIST × WordNet run comes from: confusion and tower geometry.
+
+    python bench/knowledge_diagnostics.py RUN_DIR [RUN_DIR ...] [--data data/fashion] [--limit 2000] [--out d.json]
+
+For each run (final checkpoint, scored through the method's encode path like kclip-eval):
+- ``confusion``: rows = true hypernym group (clothing / footwear / container), columns = predicted group, on the
+  first ``--limit`` test images;
+- ``text_nearest``: for each group's zero-shot prompt embedding, the cosine to each class prompt — does the text
+  tower put "a photo of footwear." near "a photo of a sandal."?
+- ``image_to_group``: per class, the group whose prompt is nearest to the class's mean image embedding.
+A measurement, not a test; always exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kclip_ds.data.pipeline import eval_batches
+from kclip_ds.data.transforms import SampleDecoder
+from kclip_ds.eval.model import load_eval_model
+from kclip_ds.eval.zeroshot import build_classifier, load_classes
+
+
+@torch.no_grad()
+def diagnose(run: Path, data: Path, limit: int) -> dict:
+    model = load_eval_model(run, device="cpu")
+    towers = model.towers
+
+    def encode_text(tokens: torch.Tensor) -> torch.Tensor:
+        return model.encode(None, tokens)["text_features"]
+
+    hyper_spec = str(data / "zeroshot_hypernym/{000000..000009}.tar")
+    class_spec = str(data / "zeroshot/{000000..000009}.tar")
+    groups, group_templates = load_classes(hyper_spec)
+    classes, class_templates = load_classes(class_spec)
+    group_w = build_classifier(encode_text, towers.tokenizer, groups, group_templates, model.device)
+    class_w = build_classifier(encode_text, towers.tokenizer, classes, class_templates, model.device)
+
+    decoder = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size, towers.context_length,
+                            with_labels=True)
+    images, class_labels, group_labels = [], [], []
+    for hyper, cls in zip(eval_batches(hyper_spec, decoder, rank=0, world_size=1, batch_size=250, num_workers=0,
+                                       name="hypernym"),
+                          eval_batches(class_spec, decoder, rank=0, world_size=1, batch_size=250,
+                                       num_workers=0, name="class")):
+        assert hyper.keys == cls.keys, "the two zero-shot splits must hold the same images in the same order"
+        rows = hyper.valid
+        images.append(F.normalize(model.encode(hyper.images[rows], None)["image_features"].float(), dim=-1))
+        group_labels.append(hyper.labels[rows])
+        class_labels.append(cls.labels[rows])
+        if sum(len(x) for x in images) >= limit:
+            break
+    v, g, c = torch.cat(images)[:limit], torch.cat(group_labels)[:limit], torch.cat(class_labels)[:limit]
+    predicted = (v @ group_w.T).argmax(1)
+    confusion = torch.zeros(len(groups), len(groups), dtype=torch.long)
+    confusion.index_put_((g, predicted), torch.ones_like(g), accumulate=True)
+    text_nearest = {group: {cls: round(float(group_w[i] @ class_w[j]), 3) for j, cls in enumerate(classes)}
+                    for i, group in enumerate(groups)}
+    image_to_group = {}
+    for j, cls in enumerate(classes):
+        mean = F.normalize(v[c == j].mean(0), dim=-1)
+        image_to_group[cls] = groups[int((group_w @ mean).argmax())]
+    return {"run": run.name, "n": len(v), "hypernym_top1": float((predicted == g).float().mean()),
+            "class_top1": float(((v @ class_w.T).argmax(1) == c).float().mean()),
+            "confusion": confusion.tolist(), "text_nearest": text_nearest, "image_to_group": image_to_group}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--data", type=Path, default=Path("data/fashion"))
+    parser.add_argument("--limit", type=int, default=2000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    rows = []
+    for run in args.runs:
+        r = diagnose(run, args.data, args.limit)
+        rows.append(r)
+        print(f"{r['run']}: n {r['n']}  class top-1 {r['class_top1']:.3f}  hypernym top-1 {r['hypernym_top1']:.3f}  "
+              f"confusion {r['confusion']}")
+        for group, row in r["text_nearest"].items():
+            print(f"    {group:<12} " + "  ".join(f"{k} {v:+.2f}" for k, v in row.items()))
+        print(f"    class images → group: {r['image_to_group']}")
+    if args.out:
+        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
