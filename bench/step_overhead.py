@@ -123,7 +123,9 @@ def measure_memory(args: argparse.Namespace) -> list[dict]:
         for ckpt in ("0", "1"):
             cmd = [sys.executable, __file__, "--child", f"{variant}:{ckpt}", "--arch", args.arch,
                    "--batch-size", str(args.batch_size)]
-            env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+            # A world of one of its own: the parent's rendezvous port is still bound by the parent.
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+            env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             rows.append(json.loads(lines[-1]) if done.returncode == 0 and lines else

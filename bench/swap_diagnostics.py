@@ -35,7 +35,7 @@ def kind_stats(model, spec: str, kind: str, limit: int) -> dict[str, float]:
     towers = model.towers
     decoder = SampleDecoder(towers.preprocess_val, towers.tokenizer, towers.image_size, towers.context_length,
                             negative_kinds=(kind,))
-    pos, neg, other, text_cos, swapped = [], [], [], [], []
+    pos, neg, other, text_cos, swapped, sizes = [], [], [], [], [], []
     seen = 0
     for batch in eval_batches(spec, decoder, rank=0, world_size=1, batch_size=100, num_workers=0, name=spec):
         b = batch.to(model.device, torch.float32)
@@ -49,6 +49,7 @@ def kind_stats(model, spec: str, kind: str, limit: int) -> dict[str, float]:
         text_cos.append(torch.nn.functional.cosine_similarity(c, c_neg, dim=-1)[rows])
         for i in rows.nonzero(as_tuple=True)[0].tolist():
             swapped.append(changed_words(batch.texts[i], batch.neg_texts[i]))
+            sizes.append(swapped_size(batch.scene_graphs[i] if batch.scene_graphs else None, swapped[-1]))
         seen += int(rows.sum())
         if seen >= limit:
             break
@@ -59,10 +60,28 @@ def kind_stats(model, spec: str, kind: str, limit: int) -> dict[str, float]:
         by_change.setdefault(change, [0, 0])
         by_change[change][0] += int(win)
         by_change[change][1] += 1
+    by_size: dict[str, list[int]] = {}
+    for win, size in zip(wins, sizes):
+        bucket = "?" if size is None else "<16px" if size < 16 else "16-19px" if size < 20 else ">=20px"
+        by_size.setdefault(bucket, [0, 0])
+        by_size[bucket][0] += int(win)
+        by_size[bucket][1] += 1
     return {"n": int(p.numel()), "acc": float((p > n).float().mean()), "margin": float((p - n).mean()),
+            "by_size": {k: (round(v[0] / v[1], 3), v[1]) for k, v in sorted(by_size.items())},
             "text_cos": float(tc.mean()), "image_gap": float((p - n).abs().mean() / (p - o).abs().mean()),
             "by_change": {k: v[0] / v[1] for k, v in sorted(by_change.items()) if v[1] >= 10},
             "by_change_n": {k: v[1] for k, v in sorted(by_change.items()) if v[1] >= 10}}
+
+
+def swapped_size(graph: dict | None, change: str) -> int | None:
+    """The smaller bbox side (px) of the two objects whose attributes a swap exchanged (None: unknown)."""
+    words = change.split("+")
+    if graph is None or len(words) != 2:
+        return None
+    boxes = [o["bbox"] for o in graph.get("objects", []) if set(o.get("attributes", [])) & set(words) and "bbox" in o]
+    if len(boxes) != 2:
+        return None
+    return min(max(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes)
 
 
 def changed_words(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -91,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['margin']:+.4f}  text_cos {r['text_cos']:.4f}  image_gap {r['image_gap']:.3f}", flush=True)
                 if kind == "attribute":
                     print("    " + "  ".join(f"{k} {v:.2f}" for k, v in r["by_change"].items()))
+                print(f"    by size of the swapped objects: {r['by_size']}")
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
     return 0
