@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-time", action="store_true", help="only the memory points (b)")
     p.add_argument("--out", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)  # VARIANT:CKPT — one memory point
     return p.parse_args(argv)
@@ -143,23 +144,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_point(args.child, args)))
         return 0
     threads = args.threads or torch.get_num_threads()
-    steps = {}
-    for variant in VARIANTS:
-        cfg, towers, engine = build(variant, args)
-        steps[variant] = step_fn(variant, cfg, engine, real_batch(cfg, towers))
-        for _ in range(args.warmup):
-            steps[variant]()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
-    for r in range(args.rounds):
-        for variant in (order if r % 2 == 0 else order[::-1]):
-            times[variant] += timed(steps[variant], args.steps, threads)[0]
-    median = {v: statistics.median(t) for v, t in times.items()}
-    ratio = median["structure_clip"] / median["clip"]
-    print(f"arch {args.arch}, batch {args.batch_size}, {threads} threads, {args.rounds}×{args.steps} steps each")
-    for v in VARIANTS:
-        print(f"  {v:<16} median step {median[v] * 1e3:8.1f} ms   ÷ clip {median[v] / median['clip']:.2f}")
-    print(f"Structure-CLIP ÷ CLIP step time: {ratio:.2f} (target ≤ {TARGET}: {'met' if ratio <= TARGET else 'NOT met'})")
+    median: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    ratio = float("nan")
+    if not args.skip_time:
+        steps = {}
+        for variant in VARIANTS:
+            cfg, towers, engine = build(variant, args)
+            steps[variant] = step_fn(variant, cfg, engine, real_batch(cfg, towers))
+            for _ in range(args.warmup):
+                steps[variant]()
+        times = {v: [] for v in VARIANTS}
+        order = list(VARIANTS)
+        for r in range(args.rounds):
+            for variant in (order if r % 2 == 0 else order[::-1]):
+                times[variant] += timed(steps[variant], args.steps, threads)[0]
+        median = {v: statistics.median(t) for v, t in times.items()}
+        ratio = median["structure_clip"] / median["clip"]
+        print(f"arch {args.arch}, batch {args.batch_size}, {threads} threads, {args.rounds}×{args.steps} steps each")
+        for v in VARIANTS:
+            print(f"  {v:<16} median step {median[v] * 1e3:8.1f} ms   ÷ clip {median[v] / median['clip']:.2f}")
+        print(f"Structure-CLIP ÷ CLIP step time: {ratio:.2f} (target ≤ {TARGET}: {'met' if ratio <= TARGET else 'NOT met'})")
     memory = [] if args.skip_memory else measure_memory(args)
     for row in memory:
         if "error" in row:
