@@ -19,7 +19,9 @@ A world of W: each rank scores its B rows against the W·B gathered columns, as 
 
 Across ranks the columns come from an all-gather with gradients, as in the dense loss, not a ring exchange:
 the gathered features (W·B·D floats; 32 MiB for 16 k × 512 fp32) are small next to the B × W·B logits that
-tiling removes, and the gather's backward already returns column gradients to their owner rank.
+tiling removes, and the gather's backward already returns column gradients to their owner rank.  Measured
+(bench/loss_across_ranks.py, docs/RESULTS.md): the gather and its backward are 0.7–2.5 % of the tiled loss's time on
+2 gloo ranks, the most a ring could hide.
 
 The same tile loop runs as Triton kernels in :mod:`kclip_ds.kernels.triton_infonce`; this torch path is the
 reference, and runs wherever Triton does not (:func:`tile_backend`).
