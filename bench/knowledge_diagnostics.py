@@ -3,6 +3,7 @@
     python bench/knowledge_diagnostics.py RUN_DIR [RUN_DIR ...] [--data data/fashion] [--limit 2000] [--out d.json]
 
 For each run (final checkpoint, scored through the method's encode path like kclip-eval):
+- ``val_class_top1``: the class task on pairs/val (held-out train images), the split for choices;
 - ``confusion``: rows = true hypernym group (clothing / footwear / container), columns = predicted group, on the
   first ``--limit`` test images;
 - ``text_nearest``: for each group's zero-shot prompt embedding, the cosine to each class prompt — does the text
@@ -66,7 +67,14 @@ def diagnose(run: Path, data: Path, limit: int) -> dict:
     for j, cls in enumerate(classes):
         mean = F.normalize(v[c == j].mean(0), dim=-1)
         image_to_group[cls] = groups[int((group_w @ mean).argmax())]
-    return {"run": run.name, "n": len(v), "hypernym_top1": float((predicted == g).float().mean()),
+    val_spec = str(data / "pairs/val/{000000..000004}.tar")  # held-out train images: the split for choices
+    hits = total = 0
+    for batch in eval_batches(val_spec, decoder, rank=0, world_size=1, batch_size=250, num_workers=0, name="val"):
+        image = F.normalize(model.encode(batch.images[batch.valid], None)["image_features"].float(), dim=-1)
+        hits += int(((image @ class_w.T).argmax(1) == batch.labels[batch.valid]).sum())
+        total += int(batch.valid.sum())
+    return {"run": run.name, "n": len(v), "val_class_top1": hits / max(total, 1),
+            "hypernym_top1": float((predicted == g).float().mean()),
             "class_top1": float(((v @ class_w.T).argmax(1) == c).float().mean()),
             "confusion": confusion.tolist(), "text_nearest": text_nearest, "image_to_group": image_to_group}
 
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         r = diagnose(run, args.data, args.limit)
         rows.append(r)
-        print(f"{r['run']}: n {r['n']}  class top-1 {r['class_top1']:.3f}  hypernym top-1 {r['hypernym_top1']:.3f}  "
+        print(f"{r['run']}: n {r['n']}  val class top-1 {r['val_class_top1']:.3f}  class top-1 {r['class_top1']:.3f}  "
+              f"hypernym top-1 {r['hypernym_top1']:.3f}  "
               f"confusion {r['confusion']}")
         for group, row in r["text_nearest"].items():
             print(f"    {group:<12} " + "  ".join(f"{k} {v:+.2f}" for k, v in row.items()))

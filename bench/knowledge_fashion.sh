@@ -13,6 +13,7 @@
 #   kclip         Knowledge-CLIP, every objective (E2E, E2R, G2E, KD, CLIP on pairs)
 #   kclipxm       kclip + the cross-modal facts as pairs (method.cross_modal_pairs)
 #   kclipxm_no_X  kclipxm without objective X (ablation)
+#   kclipxm_kdW   kclipxm with method.kd_weight=W (chosen on zeroshot_val, never on the test split)
 #   kclipxm_online  kclipxm with the online teacher (fp32 on CPU) instead of precomputed features: its step time
 # Env: STAGE1_STEPS (1500), STEPS (300), MIX (pair::triplet shard weights, 1::3 ≈ half the rows triplets).
 set -euo pipefail
@@ -61,6 +62,9 @@ for v in $VARIANTS; do
     kclipxm_no_*) objective=${v#kclipxm_no_}; objective=${objective%_s*}
                   launch "$v" "${STAGE2[@]}" "${STREAM[@]}" method.cross_modal_pairs=true train.seed="$seed" \
                     method."${objective}"_weight=0 ;;
+    kclipxm_kd*_s*) kd=${v#kclipxm_kd}; kd=${kd%_s*}
+                    launch "$v" "${STAGE2[@]}" "${STREAM[@]}" method.cross_modal_pairs=true train.seed="$seed" \
+                      method.kd_weight="$kd" ;;
     kclipxm_online_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" method.cross_modal_pairs=true train.seed="$seed" \
                          method.kd_teacher=online ;;
     kclipxm_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" method.cross_modal_pairs=true train.seed="$seed" ;;

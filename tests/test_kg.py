@@ -372,6 +372,8 @@ def test_make_fashion_kg(tmp_path: Path, wordnet, fashion_source: Path) -> None:
     names, _ = load_classes(str(out / "zeroshot_hypernym" / "000000.tar"))
     assert names == ["clothing", "footwear", "a container"]
     assert load_classes(str(out / "zeroshot" / "000000.tar"))[0][5] == "sandal"
+    # pairs/val is the class zero-shot split for choices (the same classes and prompts as the test split)
+    assert load_classes(str(out / "pairs" / "val" / "000000.tar")) == load_classes(str(out / "zeroshot" / "000000.tar"))
     plain = {s["__key__"]: int(s["cls"]) for s in read_samples(out / "zeroshot")}
     for sample in read_samples(out / "zeroshot_hypernym"):
         group = fashion.CLASSES[plain[sample["__key__"]]].group

@@ -5,7 +5,8 @@ hypernym-level zero-shot split asks for labels ("clothing", "footwear", "a conta
 contains — only the WordNet triplets connect them to the images.  Written by :func:`make_fashion_kg`::
 
     OUT/pairs/train/  pairs/val/      png + txt (+ cls, json); val = the last images of each class in
-                                      Fashion's train file, held out from train (and from the triplets)
+                                      Fashion's train file, held out from train (and from the triplets);
+                                      its classes.json makes it the class zero-shot split for model choices
     OUT/zeroshot/                     Fashion's test split, the 10 classes; classes.json
     OUT/zeroshot_hypernym/            the same images, labelled with their WordNet ancestor group
     OUT/triplets/                     triplet shards (kclip_ds.knowledge.triplet_shards): WordNet around the
@@ -252,6 +253,10 @@ def make_fashion_kg(out: str | os.PathLike, *, source: str | os.PathLike = FASHI
     for split in ("train", "val"):
         write(f"pairs/{split}", indices[split], lambda i: _pair_sample("train", i, train_images, train_labels, seed),
               {"kind": "pairs", "split": split, "templates": list(CAPTION_TEMPLATES)})
+    # pairs/val doubles as a class-level zero-shot split held out from test: choices are made on it, never on test
+    atomic_write_text(out / "pairs/val" / CLASSES_NAME,
+                      json.dumps({"classnames": [c.name for c in CLASSES], "templates": list(ZEROSHOT_TEMPLATES)},
+                                 indent=1) + "\n")
     for name, hypernym in (("zeroshot", False), ("zeroshot_hypernym", True)):
         classes = ({"classnames": list(HYPERNYM_GROUPS.values()), "templates": list(HYPERNYM_TEMPLATES)} if hypernym
                    else {"classnames": [c.name for c in CLASSES], "templates": list(ZEROSHOT_TEMPLATES)})
