@@ -69,6 +69,7 @@ class ModelConfig:
     arch: str = "kclip-tiny"  # open_clip model name or a path to an open_clip model JSON config
     pretrained: str = ""  # a local open_clip checkpoint file, or hf:DIR (a transformers CLIPModel dir); never a hub
     grad_checkpointing: bool = False
+    trim_text_padding: bool = True  # text tower runs only up to the batch's longest caption (exact; see towers.py)
 
 
 @dataclass

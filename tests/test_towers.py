@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,35 @@ def test_json_config_arch_and_grad_checkpointing(tmp_path: Path) -> None:
 def test_named_errors(cfg: ModelConfig, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         build_towers(cfg)
+
+
+def test_trimmed_text_padding_gives_the_full_context_features_and_gradients() -> None:
+    trimmed = build_towers(ModelConfig(arch="kclip-tiny"))
+    full = build_towers(ModelConfig(arch="kclip-tiny", trim_text_padding=False)).model
+    full.load_state_dict(trimmed.model.state_dict())
+    texts = trimmed.tokenizer(["a red circle left of a small blue star", "a cat", "a green square above a dog"])
+    assert trimmed.context_length > 16 and int((texts != 0).sum(1).max()) <= 12
+    seen = []
+    hook = trimmed.model.transformer.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[1]))
+    a = trimmed.model(text=texts)["text_features"]
+    hook.remove()
+    b = full(text=texts)["text_features"]
+    assert seen == [16]  # 12 used columns, rounded up to 8's multiple, not the 77 of the context
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p), q in zip(trimmed.model.named_parameters(), full.parameters()):
+        if q.grad is not None and name.startswith(("token_embedding", "transformer", "ln_final", "text_projection")):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # positions past the used length get no gradient, as in the full model (padding sits there)
+    assert trimmed.model.positional_embedding.grad[16:].abs().max() == 0
+
+
+def test_a_deep_copy_trims_with_its_own_weights() -> None:
+    towers = build_towers(ModelConfig(arch="kclip-micro"))
+    teacher = copy.deepcopy(towers.model)
+    with torch.no_grad():
+        teacher.text_projection.mul_(2.0)
+    texts = towers.tokenizer(["a red circle"])
+    assert teacher.encode_text.__self__ is teacher
+    torch.testing.assert_close(teacher.encode_text(texts), 2 * towers.model.encode_text(texts))

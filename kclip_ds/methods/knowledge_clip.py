@@ -198,7 +198,7 @@ class KnowledgeClipMethod(nn.Module):
             return feats, tokens
         enc = self.element_encoder
         img_tok, txt_tok = split(found["image"], image_parts), split(found["text"], text_parts)
-        txt_keep = split(text_in != 0, text_parts)
+        txt_keep = split((text_in != 0)[:, : found["text"].shape[1]], text_parts)  # the tower may trim padding
         length = max(found["image"].shape[1], found["text"].shape[1])
         for j, side in enumerate(("head", "tail"), start=1):
             is_image = kg[f"{side}_is_image"]

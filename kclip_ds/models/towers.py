@@ -110,6 +110,47 @@ def fix_logit_scale(model: nn.Module) -> None:
         model.logit_scale = nn.Parameter(scale.detach().reshape(1), requires_grad=scale.requires_grad)
 
 
+def trim_text_padding(model: nn.Module, tokenizer: Callable) -> bool:
+    """Make ``model.encode_text`` run only up to the longest sequence in its batch; True if it applies.
+
+    open_clip's CLIP always runs its text transformer over the whole context (77 tokens), though captions
+    are mostly padding.  The text transformer is causal and the pooled feature is taken at the end-of-text
+    token (text_pool_type="argmax"), so nothing pooled can depend on a padding position after it: cutting
+    the batch's trailing all-padding columns gives the same features (up to float rounding) for a fraction
+    of the work.  Applies only where that argument holds: open_clip ``CLIP``, argmax pooling, a causal mask,
+    and open_clip's own tokenizer (which pads with 0).  The override is an instance attribute, so it runs
+    inside ``CLIP.forward`` and ZeRO-3 gathers the parameters it reads as before; weights are untouched.
+    """
+    if not (isinstance(model, open_clip.CLIP) and getattr(model, "text_pool_type", None) == "argmax"
+            and getattr(model, "attn_mask", None) is not None
+            and isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer)):
+        return False
+    model.encode_text = _encode_text_trimmed.__get__(model)
+    return True
+
+
+def used_text_length(text: torch.Tensor, multiple: int = 8) -> int:
+    """Columns of ``text: [N, L]`` (0 = padding) up to the last non-padding one, rounded up to ``multiple``."""
+    used = (text != 0).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    return min(text.shape[1], -(-length // multiple) * multiple)
+
+
+def _encode_text_trimmed(self: nn.Module, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """open_clip 3.3's ``CLIP.encode_text`` on ``text[:, :n]``, n = the batch's used length (see trim_text_padding)."""
+    n = used_text_length(text)
+    text = text[:, :n]
+    cast_dtype = self.transformer.get_cast_dtype()
+    x = self.token_embedding(text).to(cast_dtype)
+    x = x + self.positional_embedding[:n].to(cast_dtype)
+    x = self.transformer(x, attn_mask=self.attn_mask[:n, :n])
+    x = self.ln_final(x)
+    x = open_clip.transformer.text_global_pool(x, text, self.text_pool_type)
+    if self.text_projection is not None:
+        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
 def build_towers(cfg: ModelConfig, load_weights: bool = True) -> Towers:
     """Towers per ``cfg``.  ``model.pretrained`` is a local open_clip file or ``hf:DIR`` (a transformers
     CLIPModel directory, whose config then also fixes the architecture); ``load_weights=False`` builds
@@ -133,6 +174,9 @@ def build_towers(cfg: ModelConfig, load_weights: bool = True) -> Towers:
         model.set_grad_checkpointing(True)
     fix_logit_scale(model)
     tokenizer = open_clip.get_tokenizer(arch)
+    if cfg.trim_text_padding and not trim_text_padding(model, tokenizer):
+        log.info("model.trim_text_padding: not applicable to %s (needs open_clip CLIP, causal text tower, "
+                 "argmax pooling, open_clip's tokenizer); the text tower runs over the full context", arch)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
     context_length = int(getattr(tokenizer, "context_length", model.context_length))
