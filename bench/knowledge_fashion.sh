@@ -14,6 +14,7 @@
 #   kclipxm       kclip + the cross-modal facts as pairs (method.cross_modal_pairs)
 #   kclipxm_no_X  kclipxm without objective X (ablation)
 #   kclipxm_kdW   kclipxm with method.kd_weight=W (chosen on zeroshot_val, never on the test split)
+#   kclip_gwW     kclip with the graph objectives' weights (E2E, E2R, G2E) at W (chosen on zeroshot_val)
 #   kclipxm_online  kclipxm with the online teacher (fp32 on CPU) instead of precomputed features: its step time
 # Env: STAGE1_STEPS (1500), STEPS (300), MIX (pair::triplet shard weights, 1::3 ≈ half the rows triplets).
 set -euo pipefail
@@ -59,6 +60,9 @@ for v in $VARIANTS; do
     clip_s*) launch "$v" "${STAGE2[@]}" "${ONLY_PAIRS[@]}" method.name=clip train.seed="$seed" ;;
     clipxm_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" "${NO_GRAPH[@]}" method.cross_modal_pairs=true train.seed="$seed" ;;
     kclip_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" ;;
+    kclip_gw*_s*) w=${v#kclip_gw}; w=${w%_s*}
+                  launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" \
+                    method.e2e_weight="$w" method.e2r_weight="$w" method.g2e_weight="$w" ;;
     kclipxm_no_*) objective=${v#kclipxm_no_}; objective=${objective%_s*}
                   launch "$v" "${STAGE2[@]}" "${STREAM[@]}" method.cross_modal_pairs=true train.seed="$seed" \
                     method."${objective}"_weight=0 ;;
