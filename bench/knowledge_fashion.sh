@@ -10,11 +10,16 @@
 #   clip          pairs only
 #   clipxm        the Knowledge-CLIP stream (pairs + triplets, MIX), CLIP loss on the pairs and on the
 #                 (image, "is an image of", text) facts as pairs; no graph objectives — the "more text" control
+#   clipmix       the Knowledge-CLIP stream, CLIP loss on its pair rows only (≈ 47 %): the "fewer pairs" control
 #   kclip         Knowledge-CLIP, every objective (E2E, E2R, G2E, KD, CLIP on pairs)
 #   kclipxm       kclip + the cross-modal facts as pairs (method.cross_modal_pairs)
+#   kclip2x       kclip with twice the batch (2 × 128): the triplets come on top of about as many pair rows as
+#                 CLIP's batch holds, instead of taking half of them
+#   kclip_no_X    kclip without objective X (X = e2e, e2r, g2e, kd, clip: ablation)
 #   kclipxm_no_X  kclipxm without objective X (ablation)
 #   kclipxm_kdW   kclipxm with method.kd_weight=W (chosen on zeroshot_val, never on the test split)
-#   kclip_gwW     kclip with the graph objectives' weights (E2E, E2R, G2E) at W (chosen on zeroshot_val)
+#   kclip_gwW     kclip with the graph objectives' weights (E2E, E2R, G2E) at W (chosen on zeroshot_val);
+#                 kclip_gwW_no_X: the same without objective X (ablation)
 #   kclipxm_online  kclipxm with the online teacher (fp32 on CPU) instead of precomputed features: its step time
 # Env: STAGE1_STEPS (1500), STEPS (300), MIX (pair::triplet shard weights, 1::3 ≈ half the rows triplets).
 set -euo pipefail
@@ -58,11 +63,16 @@ for v in $VARIANTS; do
   seed=${v##*_s}
   case $v in
     clip_s*) launch "$v" "${STAGE2[@]}" "${ONLY_PAIRS[@]}" method.name=clip train.seed="$seed" ;;
+    clipmix_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" "${NO_GRAPH[@]}" train.seed="$seed" ;;
     clipxm_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" "${NO_GRAPH[@]}" method.cross_modal_pairs=true train.seed="$seed" ;;
     kclip_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" ;;
-    kclip_gw*_s*) w=${v#kclip_gw}; w=${w%_s*}
+    kclip2x_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" data.batch_size=128 ;;
+    kclip_no_*) objective=${v#kclip_no_}; objective=${objective%_s*}
+                launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method."${objective}"_weight=0 ;;
+    kclip_gw*_s*) w=${v#kclip_gw}; w=${w%%_*}; extra=()
+                  case $v in *_no_*) objective=${v#*_no_}; extra=(method."${objective%_s*}"_weight=0) ;; esac
                   launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" \
-                    method.e2e_weight="$w" method.e2r_weight="$w" method.g2e_weight="$w" ;;
+                    method.e2e_weight="$w" method.e2r_weight="$w" method.g2e_weight="$w" "${extra[@]}" ;;
     kclipxm_no_*) objective=${v#kclipxm_no_}; objective=${objective%_s*}
                   launch "$v" "${STAGE2[@]}" "${STREAM[@]}" method.cross_modal_pairs=true train.seed="$seed" \
                     method."${objective}"_weight=0 ;;

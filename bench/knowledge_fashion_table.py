@@ -25,13 +25,16 @@ def main(root: str = "runs/kclip") -> int:
         variant, seed = re.fullmatch(r"(.+)_s(\d+)", done.parent.name).groups()
         metrics = json.loads(done.read_text())["final"]["metrics"]
         by_variant[variant].append((int(seed), metrics, throughput(done.parent)))
-    print("| variant | seeds | class top-1 | hypernym top-1 (per seed) | hypernym mean | samples/s |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | seeds | class top-1 (test) | class top-1 (val) | hypernym top-1 (per seed) | hypernym mean "
+          "| samples/s |")
+    print("|---|---|---|---|---|---|---|")
     for variant, runs in by_variant.items():
         cls = [m["zeroshot/top1"] * 100 for _, m, _ in runs]
+        val = [m["zeroshot_val/top1"] * 100 for _, m, _ in runs if "zeroshot_val/top1" in m]
         hyp = [m["zeroshot_hypernym/top1"] * 100 for _, m, _ in runs]
         spread = f" ± {statistics.stdev(cls):.1f}" if len(cls) > 1 else ""
-        print(f"| {variant} | {','.join(str(s) for s, _, _ in runs)} | {statistics.mean(cls):.1f}{spread} | "
+        val_cell = f"{statistics.mean(val):.1f}" + (f" ± {statistics.stdev(val):.1f}" if len(val) > 1 else "") if val else ""
+        print(f"| {variant} | {','.join(str(s) for s, _, _ in runs)} | {statistics.mean(cls):.1f}{spread} | {val_cell} | "
               f"{' / '.join(f'{h:.1f}' for h in hyp)} | {statistics.mean(hyp):.1f} | "
               f"{statistics.median(t for *_, t in runs):.0f} |")
     return 0
