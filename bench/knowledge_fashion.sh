@@ -18,8 +18,7 @@
 #   kclip_no_X    kclip without objective X (X = e2e, e2r, g2e, kd, clip: ablation)
 #   kclipxm_no_X  kclipxm without objective X (ablation)
 #   kclipxm_kdW   kclipxm with method.kd_weight=W (chosen on zeroshot_val, never on the test split)
-#   kclip_gwW     kclip with the graph objectives' weights (E2E, E2R, G2E) at W (chosen on zeroshot_val);
-#                 kclip_gwW_no_X: the same without objective X (ablation)
+#   kclip_gwW     kclip with the graph objectives' weights (E2E, E2R, G2E) at W (chosen on zeroshot_val)
 #   kclipxm_online  kclipxm with the online teacher (fp32 on CPU) instead of precomputed features: its step time
 # Env: STAGE1_STEPS (1500), STEPS (300), MIX (pair::triplet shard weights, 1::3 ≈ half the rows triplets).
 set -euo pipefail
@@ -69,10 +68,9 @@ for v in $VARIANTS; do
     kclip2x_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" data.batch_size=128 ;;
     kclip_no_*) objective=${v#kclip_no_}; objective=${objective%_s*}
                 launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method."${objective}"_weight=0 ;;
-    kclip_gw*_s*) w=${v#kclip_gw}; w=${w%%_*}; extra=()
-                  case $v in *_no_*) objective=${v#*_no_}; extra=(method."${objective%_s*}"_weight=0) ;; esac
+    kclip_gw*_s*) w=${v#kclip_gw}; w=${w%_s*}
                   launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" \
-                    method.e2e_weight="$w" method.e2r_weight="$w" method.g2e_weight="$w" "${extra[@]}" ;;
+                    method.e2e_weight="$w" method.e2r_weight="$w" method.g2e_weight="$w" ;;
     kclipxm_no_*) objective=${v#kclipxm_no_}; objective=${objective%_s*}
                   launch "$v" "${STAGE2[@]}" "${STREAM[@]}" method.cross_modal_pairs=true train.seed="$seed" \
                     method."${objective}"_weight=0 ;;

@@ -19,6 +19,13 @@ def throughput(run: Path) -> float:
     return statistics.median(r["samples_per_s"] for r in rows if r["kind"] == "train" and r["step"] > 20)
 
 
+def mean_sd(values: list[float]) -> str:
+    """'m ± sd' over seeds ('m' for one seed, '' for none)."""
+    if not values:
+        return ""
+    return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
 def main(root: str = "runs/kclip") -> int:
     by_variant: dict[str, list[tuple[int, dict, float]]] = defaultdict(list)
     for done in sorted(Path(root).glob("*_s[0-9]*/done.json")):
@@ -32,9 +39,7 @@ def main(root: str = "runs/kclip") -> int:
         cls = [m["zeroshot/top1"] * 100 for _, m, _ in runs]
         val = [m["zeroshot_val/top1"] * 100 for _, m, _ in runs if "zeroshot_val/top1" in m]
         hyp = [m["zeroshot_hypernym/top1"] * 100 for _, m, _ in runs]
-        spread = f" ± {statistics.stdev(cls):.1f}" if len(cls) > 1 else ""
-        val_cell = f"{statistics.mean(val):.1f}" + (f" ± {statistics.stdev(val):.1f}" if len(val) > 1 else "") if val else ""
-        print(f"| {variant} | {','.join(str(s) for s, _, _ in runs)} | {statistics.mean(cls):.1f}{spread} | {val_cell} | "
+        print(f"| {variant} | {','.join(str(s) for s, _, _ in runs)} | {mean_sd(cls)} | {mean_sd(val)} | "
               f"{' / '.join(f'{h:.1f}' for h in hyp)} | {statistics.mean(hyp):.1f} | "
               f"{statistics.median(t for *_, t in runs):.0f} |")
     return 0

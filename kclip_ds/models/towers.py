@@ -130,7 +130,10 @@ def trim_text_padding(model: nn.Module, tokenizer: Callable) -> bool:
 
 
 def used_text_length(text: torch.Tensor, multiple: int = 8) -> int:
-    """Columns of ``text: [N, L]`` (0 = padding) up to the last non-padding one, rounded up to ``multiple``."""
+    """Columns of ``text: [N, L]`` (0 = padding) up to the last non-padding one, rounded up to ``multiple``.
+
+    The last nonzero column, not a count of nonzeros: id 0 is also "!" inside a caption, and the end-of-text
+    token after it is nonzero.  One host sync per text-tower call (a slice needs a Python int)."""
     used = (text != 0).any(dim=0).nonzero()
     length = int(used.max()) + 1 if len(used) else 1
     return min(text.shape[1], -(-length // multiple) * multiple)
