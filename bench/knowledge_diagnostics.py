@@ -8,7 +8,11 @@ For each run (final checkpoint, scored through the method's encode path like kcl
   first ``--limit`` test images;
 - ``text_nearest``: for each group's zero-shot prompt embedding, the cosine to each class prompt — does the text
   tower put "a photo of footwear." near "a photo of a sandal."?
-- ``image_to_group``: per class, the group whose prompt is nearest to the class's mean image embedding.
+- ``image_to_group``: per class, the group whose prompt is nearest to the class's mean image embedding;
+- ``ancestor_map``: the many-label hypernym task (kclip_ds.knowledge.fashion.ancestor_labels — every WordNet
+  ancestor of the classes that is a KG entity, holds some classes but not all, and no caption names): per label,
+  the average precision of ranking the images by their cosine to the label's prompt (templates averaged), and
+  the mean over labels; ``ancestor_map_chance`` is what a random ranking scores (the mean positive rate).
 A measurement, not a test; always exits 0.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import torch
@@ -26,10 +31,32 @@ from kclip_ds.data.pipeline import eval_batches
 from kclip_ds.data.transforms import SampleDecoder
 from kclip_ds.eval.model import load_eval_model
 from kclip_ds.eval.zeroshot import build_classifier, load_classes
+from kclip_ds.knowledge.fashion import HYPERNYM_TEMPLATES, ancestor_labels
+from kclip_ds.knowledge.kg import load_wordnet
+
+
+def kg_entities(data: Path) -> set[str]:
+    """Every entity id the triplet shards mention (heads, tails, neighbourhoods)."""
+    ids: set[str] = set()
+    for shard in sorted((data / "triplets").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    record = json.load(tar.extractfile(member))
+                    ids.update(record[side]["id"] for side in ("head", "tail"))
+                    ids.update(e["id"] for e in record.get("neighbourhood", {}).get("entities", []))
+    return ids
+
+
+def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """AP of ranking by ``scores`` (descending) with ``positive`` [N] bool as the relevant items."""
+    hits = positive[scores.argsort(descending=True)].float()
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum().clamp(min=1))
 
 
 @torch.no_grad()
-def diagnose(run: Path, data: Path, limit: int) -> dict:
+def diagnose(run: Path, data: Path, limit: int, ancestors: dict[str, list[int]]) -> dict:
     model = load_eval_model(run, device="cpu")
     towers = model.towers
 
@@ -67,6 +94,13 @@ def diagnose(run: Path, data: Path, limit: int) -> dict:
     for j, cls in enumerate(classes):
         mean = F.normalize(v[c == j].mean(0), dim=-1)
         image_to_group[cls] = groups[int((group_w @ mean).argmax())]
+    ancestor_w = build_classifier(encode_text, towers.tokenizer, list(ancestors), list(HYPERNYM_TEMPLATES),
+                                  model.device)
+    ancestor_ap, chance = {}, []
+    for (name, members), w in zip(ancestors.items(), ancestor_w):
+        positive = torch.isin(c, torch.tensor(members))
+        ancestor_ap[name] = round(average_precision(v @ w, positive), 4)
+        chance.append(float(positive.float().mean()))
     val_spec = str(data / "pairs/val/{000000..000004}.tar")  # held-out train images: the split for choices
     hits = total = 0
     for batch in eval_batches(val_spec, decoder, rank=0, world_size=1, batch_size=250, num_workers=0, name="val"):
@@ -76,6 +110,8 @@ def diagnose(run: Path, data: Path, limit: int) -> dict:
     return {"run": run.name, "n": len(v), "val_class_top1": hits / max(total, 1),
             "hypernym_top1": float((predicted == g).float().mean()),
             "class_top1": float(((v @ class_w.T).argmax(1) == c).float().mean()),
+            "ancestor_map": sum(ancestor_ap.values()) / len(ancestor_ap), "ancestor_map_chance": sum(chance) / len(chance),
+            "ancestor_ap": ancestor_ap,
             "confusion": confusion.tolist(), "text_nearest": text_nearest, "image_to_group": image_to_group}
 
 
@@ -86,12 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    ancestors = ancestor_labels(load_wordnet(), kg_entities(args.data))
     rows = []
     for run in args.runs:
-        r = diagnose(run, args.data, args.limit)
+        r = diagnose(run, args.data, args.limit, ancestors)
         rows.append(r)
         print(f"{r['run']}: n {r['n']}  val class top-1 {r['val_class_top1']:.3f}  class top-1 {r['class_top1']:.3f}  "
-              f"hypernym top-1 {r['hypernym_top1']:.3f}  "
+              f"hypernym top-1 {r['hypernym_top1']:.3f}  ancestor mAP {r['ancestor_map']:.3f} "
+              f"(chance {r['ancestor_map_chance']:.3f})  "
               f"confusion {r['confusion']}")
         for group, row in r["text_nearest"].items():
             print(f"    {group:<12} " + "  ".join(f"{k} {v:+.2f}" for k, v in row.items()))

@@ -12,6 +12,8 @@
 #                 (image, "is an image of", text) facts as pairs; no graph objectives — the "more text" control
 #   clipmix       the Knowledge-CLIP stream, CLIP loss on its pair rows only (≈ 47 %): the "fewer pairs" control
 #   kclip         Knowledge-CLIP, every objective (E2E, E2R, G2E, KD, CLIP on pairs)
+#   kclip_nofilter  kclip with E2E's in-batch answer filter off (method.e2e_filter=false): every other image of
+#                 the class is a negative of (?, is an image of, class)
 #   kclipxm       kclip + the cross-modal facts as pairs (method.cross_modal_pairs)
 #   kclip2x       kclip with twice the batch (2 × 128): the triplets come on top of about as many pair rows as
 #                 CLIP's batch holds, instead of taking half of them
@@ -40,6 +42,10 @@ launch() {  # name, overrides...
     --config configs/demo_knowledge.yaml train.output_dir="$OUT/$name" train.progress_bar=false "$@" > "$OUT/$name.log" 2>&1
   grep '^{"final"' "$OUT/$name.log" > "$OUT/$name/done.json"
 }
+diagnose() {  # name: confusions and the many-label hypernym mAP of the final checkpoint -> RUN/diagnostics.json
+  [ -f "$OUT/$1/diagnostics.json" ] || $PY bench/knowledge_diagnostics.py "$OUT/$1" --limit 10000 \
+    --out "$OUT/$1/diagnostics.json" > "$OUT/$1/diagnostics.log" 2>&1
+}
 # Stage 1: plain CLIP on the pairs from scratch -> the shared init and the KD teacher.
 if [ ! -f "$OUT/init_clip_openclip/open_clip_model.safetensors" ]; then
   launch init_clip method.name=clip train.max_steps="$STAGE1_STEPS" train.lr=1.0e-3 train.warmup_steps=30 \
@@ -65,6 +71,7 @@ for v in $VARIANTS; do
     clipmix_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" "${NO_GRAPH[@]}" train.seed="$seed" ;;
     clipxm_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" "${NO_GRAPH[@]}" method.cross_modal_pairs=true train.seed="$seed" ;;
     kclip_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" ;;
+    kclip_nofilter_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.e2e_filter=false ;;
     kclip2x_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" data.batch_size=128 ;;
     kclip_no_*) objective=${v#kclip_no_}; objective=${objective%_s*}
                 launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method."${objective}"_weight=0 ;;
@@ -81,5 +88,6 @@ for v in $VARIANTS; do
                          method.kd_teacher=online ;;
     kclipxm_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" method.cross_modal_pairs=true train.seed="$seed" ;;
   esac
+  diagnose "$v"
   echo "$v: $(tail -c 600 "$OUT/$v/done.json")"
 done

@@ -1,5 +1,6 @@
 """The RESULTS table of bench/knowledge_fashion.sh: per variant, mean ± std over seeds of the Fashion-MNIST
-class-level and hypernym-level zero-shot top-1, and the median training throughput.
+class-level and hypernym-level zero-shot top-1, the many-label hypernym mAP (RUN/diagnostics.json, written by
+bench/knowledge_diagnostics.py) and the median training throughput.
 
     python bench/knowledge_fashion_table.py [RUNS_DIR]        (default runs/kclip)
 """
@@ -31,16 +32,20 @@ def main(root: str = "runs/kclip") -> int:
     for done in sorted(Path(root).glob("*_s[0-9]*/done.json")):
         variant, seed = re.fullmatch(r"(.+)_s(\d+)", done.parent.name).groups()
         metrics = json.loads(done.read_text())["final"]["metrics"]
+        diagnostics = done.parent / "diagnostics.json"
+        if diagnostics.exists():
+            metrics = {**metrics, "ancestor_map": json.loads(diagnostics.read_text())["rows"][0]["ancestor_map"]}
         by_variant[variant].append((int(seed), metrics, throughput(done.parent)))
     print("| variant | seeds | class top-1 (test) | class top-1 (val) | hypernym top-1 (per seed) | hypernym mean "
-          "| samples/s |")
-    print("|---|---|---|---|---|---|---|")
+          "| ancestor mAP | samples/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for variant, runs in by_variant.items():
         cls = [m["zeroshot/top1"] * 100 for _, m, _ in runs]
         val = [m["zeroshot_val/top1"] * 100 for _, m, _ in runs if "zeroshot_val/top1" in m]
         hyp = [m["zeroshot_hypernym/top1"] * 100 for _, m, _ in runs]
+        ancestor = [m["ancestor_map"] * 100 for _, m, _ in runs if "ancestor_map" in m]
         print(f"| {variant} | {','.join(str(s) for s, _, _ in runs)} | {mean_sd(cls)} | {mean_sd(val)} | "
-              f"{' / '.join(f'{h:.1f}' for h in hyp)} | {statistics.mean(hyp):.1f} | "
+              f"{' / '.join(f'{h:.1f}' for h in hyp)} | {statistics.mean(hyp):.1f} | {mean_sd(ancestor)} | "
               f"{statistics.median(t for *_, t in runs):.0f} |")
     return 0
 

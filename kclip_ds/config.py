@@ -94,6 +94,7 @@ class MethodConfig:
     clip_weight: float = 1.0  # InfoNCE on the image–caption pairs of the batch
     cross_modal_pairs: bool = False  # (image, r, text) triplets also join the InfoNCE as image–text pairs
     e2e_weight: float = 1.0  # masked head/tail -> the true entity among the global batch's entities
+    e2e_filter: bool = True  # rows asking the same (relation, known entity, side) are not each other's negatives
     e2r_weight: float = 1.0  # masked relation -> its relation (classify and/or contrast, e2r_mode)
     e2r_mode: str = "both"  # classify | contrast | both
     g2e_weight: float = 1.0  # entity neighbourhood graph -> the entity's own embedding

@@ -330,6 +330,13 @@ def test_fashion_tables(wordnet) -> None:
     assert {"clothing", "footwear", "container", "wear"} <= set(terms)
     assert fashion.caption_leaks(["a photo of some footwear.", "a photo of a sandal."], terms) == [
         ("a photo of some footwear.", "footwear")]
+    labels = fashion.ancestor_labels(wordnet)
+    names = [c.name for c in fashion.CLASSES]
+    assert [names[i] for i in labels["footwear"]] == ["sandal", "sneaker", "ankle boot"]
+    assert [names[i] for i in labels["garment"]] == ["t-shirt", "pair of trousers", "pullover", "coat", "shirt"]
+    assert "shirt" not in labels and "entity" not in labels  # a caption's own word; an ancestor of every class
+    assert all(0 < len(members) < len(names) for members in labels.values()) and len(labels) >= 10
+    assert set(fashion.ancestor_labels(wordnet, {"footwear.n.02", "shoe.n.01"})) == {"footwear", "shoe"}
 
 
 def test_make_fashion_kg(tmp_path: Path, wordnet, fashion_source: Path) -> None:

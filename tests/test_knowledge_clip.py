@@ -20,6 +20,7 @@ from kclip_ds.knowledge.teacher import precompute_teacher
 from kclip_ds.knowledge.triplet_batch import TripletRows, TripletSpec, entity_key, relation_vocabulary
 from kclip_ds.knowledge.triplet_shards import decode_triplet
 from kclip_ds.methods import build_method
+from kclip_ds.methods.knowledge_clip import e2e_query_groups
 from kclip_ds.models.graph import ElementEncoder
 from kclip_ds.models.towers import build_towers
 from tests.conftest import REPO, assert_ok, torchrun
@@ -151,10 +152,23 @@ def test_one_pass_per_tower_and_the_teacher_stays_outside(fashion_data: Path) ->
         assert math.isfinite(out["loss"].item())
 
 
+def test_e2e_query_groups_pair_rows_that_ask_the_same_question() -> None:
+    boot, sandal, img1, img2 = 11, 12, 21, 22
+    kg = {"relation": torch.tensor([0, 0, 0, 0, -1, -1]),
+          "head_id": torch.tensor([img1, img2, img1, img2, img1, img2]),
+          "tail_id": torch.tensor([boot, boot, sandal, boot, boot, boot]),
+          "mask_tail": torch.tensor([False, False, False, True, False, False])}
+    groups = e2e_query_groups(kg).tolist()
+    assert groups[0] == groups[1]  # (?, is an image of, boot) twice: each image answers both
+    assert groups[0] != groups[2]  # another visible tail
+    assert groups[1] != groups[3]  # the same triplet, the other side hidden
+    assert groups[4] != groups[5]  # relations outside the vocabulary never group
+
+
 def test_knowledge_losses_match_single_process_on_2_ranks() -> None:
     proc = torchrun([str(REPO / "tests/dist/knowledge_loss_equivalence.py")])
     assert_ok(proc)
-    for case in ("entity infonce", "distillation", "relation cross-entropy"):
+    for case in ("entity infonce", "entity infonce, query groups", "distillation", "relation cross-entropy"):
         assert f"{case}: loss" in proc.stdout
 
 

@@ -4,11 +4,14 @@ Both follow the convention of :mod:`kclip_ds.losses.contrastive`: each rank scor
 global batch's columns (gathered with gradients), invalid rows are neither anchors nor candidates, and the
 per-rank value is scaled so that the mean over ranks is the global mean.
 
-    E2E / G2E:  L_r = W/N_valid · Σ_{i local, valid} CE(s · q_i · Kᵀ, i),  columns j ≠ i with id_j = id_i masked
+    E2E / G2E:  L_r = W/N_valid · Σ_{i local, valid} CE(s · q_i · Kᵀ, i),  columns j ≠ i with id_j = id_i masked,
+                and (with ``query_groups``) columns j ≠ i whose query group equals i's
     KD:         L_r = W/(2·N_valid) · Σ_{i local, valid} [ KL(p_t(i→·) ‖ p_s(i→·)) + KL(p_t(·→i) ‖ p_s(·→i)) ]
 
 Masking the other copies of the same entity keeps a batch that holds a class synset twice from calling
-one copy a negative of the other.
+one copy a negative of the other.  Query groups go one step further (the "filtered" setting of KG link
+prediction, restricted to the batch): two rows that ask the same question — E2E's (?, is an image of, boot)
+for two different boot images — have each other's answers as true answers too, so neither is a negative.
 """
 
 from __future__ import annotations
@@ -31,16 +34,23 @@ class EntityContrastiveLoss(nn.Module):
     """One-directional InfoNCE: each valid query retrieves its own key among the global batch's keys."""
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, entity_ids: torch.Tensor, valid: torch.Tensor,
-                logit_scale: torch.Tensor) -> torch.Tensor:
+                logit_scale: torch.Tensor, query_groups: torch.Tensor | None = None) -> torch.Tensor:
         """queries, keys: [B, D] L2-normalised; entity_ids: [B] int64 (the key's entity); valid: [B] bool;
-        logit_scale: exp(τ), [] or [1].  Returns a scalar (0 with grad when no rank has a valid row)."""
+        logit_scale: exp(τ), [] or [1]; query_groups: [B, K] int64 or None — rows with equal groups (all K
+        values) ask the same question, so their keys are not each other's negatives.  Returns a scalar (0 with
+        grad when no rank has a valid row)."""
         valid, world = check_pair(queries, keys, valid)
         assert entity_ids.shape == valid.shape, f"entity_ids must be [{len(valid)}], got {tuple(entity_ids.shape)}"
+        assert query_groups is None or (query_groups.dim() == 2 and query_groups.shape[0] == len(valid)), \
+            f"query_groups must be [{len(valid)}, K], got {tuple(query_groups.shape)}"
         batch = queries.shape[0]
         all_keys, all_ids, all_valid = gather_features(keys.float()), gather_mask(entity_ids), gather_mask(valid)
         labels = torch.arange(batch, device=queries.device) + _rank() * batch
         logits = logit_scale.float().reshape(()) * queries.float() @ all_keys.T
         duplicate = entity_ids[:, None] == all_ids[None, :]
+        if query_groups is not None:
+            all_groups = gather_mask(query_groups)
+            duplicate |= (query_groups[:, None, :] == all_groups[None, :, :]).all(-1)
         duplicate[torch.arange(batch, device=queries.device), labels] = False
         logits = logits.masked_fill(duplicate | ~all_valid[None, :], NEG_INF)
         rows = valid.nonzero(as_tuple=True)[0]

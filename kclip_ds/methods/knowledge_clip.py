@@ -74,7 +74,7 @@ class KnowledgeClipMethod(nn.Module):
         embed_dim = model.text_projection.shape[1]
         self.weights = {"clip": cfg.clip_weight, "e2e": cfg.e2e_weight, "e2r": cfg.e2r_weight,
                         "g2e": cfg.g2e_weight, "kd": cfg.kd_weight}
-        self.e2r_mode, self.cross_modal_pairs = cfg.e2r_mode, cfg.cross_modal_pairs
+        self.e2r_mode, self.cross_modal_pairs, self.e2e_filter = cfg.e2r_mode, cfg.cross_modal_pairs, cfg.e2e_filter
         classify = cfg.e2r_weight > 0 and cfg.e2r_mode in ("classify", "both")
         self.element_encoder = ElementEncoder(
             image_width=model.visual.transformer.width, text_width=model.transformer.width, width=cfg.graph_width,
@@ -227,7 +227,8 @@ class KnowledgeClipMethod(nn.Module):
             query = encoded.slots[rows, hidden]
             target = torch.where(kg["mask_tail"][:, None], feats["tail"], feats["head"])
             ids = torch.where(kg["mask_tail"], kg["tail_id"], kg["head_id"])
-            losses["e2e"] = self.entity_loss(query, target, ids, trip, scale)
+            groups = e2e_query_groups(kg) if self.e2e_filter else None
+            losses["e2e"] = self.entity_loss(query, target, ids, trip, scale, groups)
         if self.weights["e2r"] > 0:
             masked = nn.functional.one_hot(torch.full_like(rows, RELATION), 3).bool()
             out = self.element_encoder(slots, slot_mask, masked)
@@ -252,6 +253,17 @@ class KnowledgeClipMethod(nn.Module):
             losses["g2e"] = self.entity_loss(graph.k.to(target.dtype), target, ids,
                                              graph.has_knowledge & trip.repeat_interleave(2), scale)
         return losses
+
+
+def e2e_query_groups(kg: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, 3] int64: what each E2E row asks — (relation, the entity left visible, which side is hidden).
+    Equal rows share their answers: (?, is an image of, boot) is answered by every boot image of the batch.
+    A relation outside the vocabulary (index −1) gets a value of its own per row, so it never groups."""
+    rows = torch.arange(len(kg["relation"]), device=kg["relation"].device)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    relation = torch.where(kg["relation"] >= 0, kg["relation"], -1 - (rows + rank * len(rows)))
+    known = torch.where(kg["mask_tail"], kg["head_id"], kg["tail_id"])
+    return torch.stack((relation, known, kg["mask_tail"].long()), 1)
 
 
 def teacher_rows(teacher: dict[str, torch.Tensor] | None, rows: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,15 @@ from loss_equivalence import compare, finish, fresh_params
 from kclip_ds.losses.knowledge import DistillationLoss, EntityContrastiveLoss, GlobalCrossEntropy
 
 
-def entity_reference(q, k, ids, valid, scale) -> torch.Tensor:
-    """One process, by the definition: per valid row, CE over valid columns with the row's duplicates removed."""
+def entity_reference(q, k, ids, valid, scale, groups=None) -> torch.Tensor:
+    """One process, by the definition: per valid row, CE over valid columns with the row's duplicates (same
+    entity, or with ``groups`` the same query group) removed."""
     total = q.new_zeros(())
     for i in valid.nonzero().flatten().tolist():
-        keep = valid & ((ids != ids[i]) | (torch.arange(len(ids)) == i))
+        other = ids != ids[i]
+        if groups is not None:
+            other &= torch.tensor([g != groups[i].tolist() for g in groups.tolist()])
+        keep = valid & (other | (torch.arange(len(ids)) == i))
         logits = scale * q[i] @ k[keep].T
         total = total - logits.log_softmax(-1)[keep[: i + 1].sum() - 1]
     return total / valid.sum()
@@ -56,6 +60,19 @@ def main() -> int:
     loss = EntityContrastiveLoss()(*features(params, rows), ids[rows], valid[rows], params[2].exp())
     ref = entity_reference(*features(ref_params, slice(None)), ids, valid, ref_params[2].exp())
     failures += compare("entity infonce", "single process", loss, params, ref, ref_params, rank, world)
+
+    # query groups: rows 0, 5, 8 (ranks 0 and 1) ask the same question; 1 and 2 share only two of three values
+    groups = torch.stack((torch.arange(n), torch.zeros(n, dtype=torch.long), torch.arange(n) % 2), 1)
+    groups[[5, 8]] = groups[0].clone()
+    groups[2, 0] = 1
+    params, ref_params = fresh_params(w_q0, w_k0), fresh_params(w_q0, w_k0)
+    loss = EntityContrastiveLoss()(*features(params, rows), ids[rows], valid[rows], params[2].exp(), groups[rows])
+    ref = entity_reference(*features(ref_params, slice(None)), ids, valid, ref_params[2].exp(), groups)
+    unfiltered = entity_reference(*features(ref_params, slice(None)), ids, valid, ref_params[2].exp())
+    if torch.allclose(ref, unfiltered):
+        failures.append("entity infonce: the query groups changed nothing, so this case tests nothing")
+    failures += compare("entity infonce, query groups", "single process", loss, params, ref, ref_params, rank,
+                        world)
 
     params, ref_params = fresh_params(w_q0, w_k0), fresh_params(w_q0, w_k0)
     v, c = features(params, rows)
