@@ -8,6 +8,10 @@ For each run (final checkpoint, scored through the method's encode path like kcl
   first ``--limit`` test images;
 - ``text_nearest``: for each group's zero-shot prompt embedding, the cosine to each class prompt — does the text
   tower put "a photo of footwear." near "a photo of a sandal."?
+- ``prompt_cos_same_group`` / ``…_other_group`` and ``image_cos_…``: mean cosine between two classes' prompts
+  (or class-mean images) in the same hypernym group / in different groups;
+- ``image_knn_top1``: the class task from the image tower alone (10-NN among the val images' embeddings);
+- ``class_top1_per_class`` and ``class_confusion`` (rows = true class): where the class task gains or loses;
 - ``image_to_group``: per class, the group whose prompt is nearest to the class's mean image embedding;
 - ``ancestor_map``: the many-label hypernym task (kclip_ds.knowledge.fashion.ancestor_labels — every WordNet
   ancestor of the classes that is a KG entity, holds some classes but not all, and no caption names): per label,
@@ -31,8 +35,10 @@ from kclip_ds.data.pipeline import eval_batches
 from kclip_ds.data.transforms import SampleDecoder
 from kclip_ds.eval.model import load_eval_model
 from kclip_ds.eval.zeroshot import build_classifier, load_classes
-from kclip_ds.knowledge.fashion import HYPERNYM_TEMPLATES, ancestor_labels
+from kclip_ds.knowledge.fashion import CLASSES, HYPERNYM_GROUPS, HYPERNYM_TEMPLATES, ancestor_labels
 from kclip_ds.knowledge.kg import load_wordnet
+
+KNN = 10
 
 
 def kg_entities(data: Path) -> set[str]:
@@ -94,6 +100,8 @@ def diagnose(run: Path, data: Path, limit: int, ancestors: dict[str, list[int]])
     for j, cls in enumerate(classes):
         mean = F.normalize(v[c == j].mean(0), dim=-1)
         image_to_group[cls] = groups[int((group_w @ mean).argmax())]
+    class_confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    class_confusion.index_put_((c, (v @ class_w.T).argmax(1)), torch.ones_like(c), accumulate=True)
     ancestor_w = build_classifier(encode_text, towers.tokenizer, list(ancestors), list(HYPERNYM_TEMPLATES),
                                   model.device)
     ancestor_ap, chance = {}, []
@@ -102,14 +110,32 @@ def diagnose(run: Path, data: Path, limit: int, ancestors: dict[str, list[int]])
         ancestor_ap[name] = round(average_precision(v @ w, positive), 4)
         chance.append(float(positive.float().mean()))
     val_spec = str(data / "pairs/val/{000000..000004}.tar")  # held-out train images: the split for choices
-    hits = total = 0
+    # Sibling geometry: mean cosine between class prompts (and between class-mean images) of the same hypernym
+    # group vs of different groups.  Learning "t-shirt and shirt are both clothing" can pull exactly these together.
+    group_names = {c.name: HYPERNYM_GROUPS[c.group] for c in CLASSES}
+    group_of = torch.tensor([groups.index(group_names[cls]) for cls in classes])
+    centroids = F.normalize(torch.stack([v[c == j].mean(0) for j in range(len(classes))]), dim=-1)
+    same = (group_of[:, None] == group_of[None, :]) & ~torch.eye(len(classes), dtype=torch.bool)
+    other = group_of[:, None] != group_of[None, :]
+    sibling = {f"{kind}_cos_{name}": round(float((x @ x.T)[mask].mean()), 4)
+               for kind, x in (("prompt", class_w), ("image", centroids)) for name, mask in (("same_group", same),
+                                                                                           ("other_group", other))}
+    val_images, val_labels = [], []
     for batch in eval_batches(val_spec, decoder, rank=0, world_size=1, batch_size=250, num_workers=0, name="val"):
-        image = F.normalize(model.encode(batch.images[batch.valid], None)["image_features"].float(), dim=-1)
-        hits += int(((image @ class_w.T).argmax(1) == batch.labels[batch.valid]).sum())
-        total += int(batch.valid.sum())
-    return {"run": run.name, "n": len(v), "val_class_top1": hits / max(total, 1),
+        val_images.append(F.normalize(model.encode(batch.images[batch.valid], None)["image_features"].float(), dim=-1))
+        val_labels.append(batch.labels[batch.valid])
+    val_v, val_c = torch.cat(val_images), torch.cat(val_labels)
+    # The image tower alone: 10-NN vote among the val images (cosine), no text involved.  If it holds while the
+    # zero-shot figure drops, the class loss sits in where the prompts land, not in the image geometry.
+    nearest = val_c[(v @ val_v.T).topk(KNN, dim=1).indices]
+    knn = torch.nn.functional.one_hot(nearest, len(classes)).sum(1).argmax(1)
+    return {"run": run.name, "n": len(v), "val_class_top1": float(((val_v @ class_w.T).argmax(1) == val_c).float().mean()),
+            "image_knn_top1": float((knn == c).float().mean()), **sibling,
             "hypernym_top1": float((predicted == g).float().mean()),
             "class_top1": float(((v @ class_w.T).argmax(1) == c).float().mean()),
+            "class_top1_per_class": {cls: round(float(((v[c == j] @ class_w.T).argmax(1) == j).float().mean()), 4)
+                                     for j, cls in enumerate(classes)},
+            "class_confusion": class_confusion.tolist(),
             "ancestor_map": sum(ancestor_ap.values()) / len(ancestor_ap), "ancestor_map_chance": sum(chance) / len(chance),
             "ancestor_ap": ancestor_ap,
             "confusion": confusion.tolist(), "text_nearest": text_nearest, "image_to_group": image_to_group}
@@ -128,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         r = diagnose(run, args.data, args.limit, ancestors)
         rows.append(r)
         print(f"{r['run']}: n {r['n']}  val class top-1 {r['val_class_top1']:.3f}  class top-1 {r['class_top1']:.3f}  "
-              f"hypernym top-1 {r['hypernym_top1']:.3f}  ancestor mAP {r['ancestor_map']:.3f} "
+              f"image 10-NN {r['image_knn_top1']:.3f}  hypernym top-1 {r['hypernym_top1']:.3f}  ancestor mAP {r['ancestor_map']:.3f} "
               f"(chance {r['ancestor_map_chance']:.3f})  "
               f"confusion {r['confusion']}")
         for group, row in r["text_nearest"].items():
