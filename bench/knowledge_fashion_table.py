@@ -14,17 +14,37 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from kclip_ds.knowledge.fashion import CLASSES
+
+CLASS_GROUP = {c.name: c.group for c in CLASSES}
+
 
 def throughput(run: Path) -> float:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["samples_per_s"] for r in rows if r["kind"] == "train" and r["step"] > 20)
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 1) -> str:
     """'m ± sd' over seeds ('m' for one seed, '' for none)."""
     if not values:
         return ""
-    return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    return f"{statistics.mean(values):.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1
+                                                      else "")
+
+
+def diagnostic_metrics(row: dict) -> dict[str, float]:
+    """The figures of one knowledge_diagnostics.py row that the tables use (older rows lack some)."""
+    out = {"ancestor_map": row["ancestor_map"]}
+    if "class_confusion" in row:
+        group = [CLASS_GROUP[name] for name in row["class_top1_per_class"]]
+        confusion = row["class_confusion"]
+        pairs = [(i, j) for i in range(len(group)) for j in range(len(group)) if i != j]
+        out |= {"image_knn": row["image_knn_top1"] * 100,
+                "errors_same_group": sum(confusion[i][j] for i, j in pairs if group[i] == group[j]),
+                "errors_other_group": sum(confusion[i][j] for i, j in pairs if group[i] != group[j]),
+                "image_cos_same_group": row["image_cos_same_group"],
+                "image_cos_other_group": row["image_cos_other_group"]}
+    return out
 
 
 def main(root: str = "runs/kclip") -> int:
@@ -34,7 +54,7 @@ def main(root: str = "runs/kclip") -> int:
         metrics = json.loads(done.read_text())["final"]["metrics"]
         diagnostics = done.parent / "diagnostics.json"
         if diagnostics.exists():
-            metrics = {**metrics, "ancestor_map": json.loads(diagnostics.read_text())["rows"][0]["ancestor_map"]}
+            metrics = {**metrics, **diagnostic_metrics(json.loads(diagnostics.read_text())["rows"][0])}
         by_variant[variant].append((int(seed), metrics, throughput(done.parent)))
     print("| variant | seeds | class top-1 (test) | class top-1 (val) | hypernym top-1 (per seed) | hypernym mean "
           "| ancestor mAP | samples/s |")
@@ -47,6 +67,18 @@ def main(root: str = "runs/kclip") -> int:
         print(f"| {variant} | {','.join(str(s) for s, _, _ in runs)} | {mean_sd(cls)} | {mean_sd(val)} | "
               f"{' / '.join(f'{h:.1f}' for h in hyp)} | {statistics.mean(hyp):.1f} | {mean_sd(ancestor)} | "
               f"{statistics.median(t for *_, t in runs):.0f} |")
+    print("\nWhere the class task is lost (knowledge_diagnostics.py, 10,000 test images; mean ± sd over seeds):\n")
+    columns = {"image_knn": "image 10-NN top-1", "errors_same_group": "errors within a group",
+               "errors_other_group": "errors across groups", "image_cos_same_group": "image cos, same group",
+               "image_cos_other_group": "image cos, other group"}
+    print("| variant | seeds | " + " | ".join(columns.values()) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for variant, runs in by_variant.items():
+        with_diag = [(s, m) for s, m, _ in runs if "image_knn" in m]
+        if with_diag:
+            cells = [mean_sd([m[k] for _, m in with_diag], digits=0 if k.startswith("errors") else
+                             (1 if k == "image_knn" else 3)) for k in columns]
+            print(f"| {variant} | {','.join(str(s) for s, _ in with_diag)} | " + " | ".join(cells) + " |")
     return 0
 
 
