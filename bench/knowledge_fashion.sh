@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Knowledge-CLIP vs CLIP on Fashion-MNIST × WordNet (docs/RESULTS.md "Knowledge-CLIP"), CPU, 2 ranks each.
 #   bash bench/knowledge_fashion.sh [RUNS_DIR] [VARIANTS...]     (default: every variant below)
-# Needs data/fashion (python tools/make_fashion_kg.py --out data/fashion).
+# Needs data/fashion (python tools/make_fashion_kg.py --out data/fashion); kclip_nolinks also data/fashion_nolinks
+# (… --out data/fashion_nolinks --drop-class-links).
 #
 # Protocol. Stage 1 trains plain CLIP on the pairs until class zero-shot has levelled off: it stands in for the
 # pretrained CLIP that Knowledge-CLIP continues from, and is the KD teacher (its features are precomputed into
@@ -15,6 +16,8 @@
 #   kclip_nofilter  kclip with E2E's in-batch answer filter off (method.e2e_filter=false): every other image of
 #                 the class is a negative of (?, is an image of, class)
 #   kclipxm       kclip + the cross-modal facts as pairs (method.cross_modal_pairs)
+#   kclip_nolinks kclip on data/fashion_nolinks (make_fashion_kg.py --drop-class-links): the KG without the
+#                 WordNet edges between two classes (T-shirt —is a→ shirt), the facts that contradict the labels
 #   kclip2x       kclip with twice the batch (2 × 128): the triplets come on top of about as many pair rows as
 #                 CLIP's batch holds, instead of taking half of them
 #   kclip_no_X    kclip without objective X (X = e2e, e2r, g2e, kd, clip: ablation)
@@ -61,6 +64,8 @@ STAGE2=("model.pretrained=$INIT_FILE" train.max_steps="$STEPS" train.lr=2.0e-4 t
 ONLY_PAIRS=(data.train="$PAIRS" data.train_upsampling_factors=)
 STREAM=(data.train="$OUT/pairs_teacher/{000000..000054}.tar::$TRIPLETS" data.train_upsampling_factors="$MIX"
         method.kd_teacher=features)
+NOLINKS_STREAM=(data.train="$OUT/pairs_teacher/{000000..000054}.tar::${TRIPLETS/data\/fashion\//data/fashion_nolinks/}"
+                data.train_upsampling_factors="$MIX" method.kd_teacher=features)
 NO_GRAPH=(method.e2e_weight=0 method.e2r_weight=0 method.g2e_weight=0 method.kd_weight=0)
 VARIANTS=${*:-"clip_s0 kclip_s0 kclipxm_s0 clip_s1 kclip_s1 kclipxm_s1 clip_s2 kclip_s2 kclipxm_s2 clipxm_s0
                kclipxm_no_e2e_s0 kclipxm_no_e2r_s0 kclipxm_no_g2e_s0 kclipxm_no_kd_s0 kclipxm_online_s0"}
@@ -72,6 +77,7 @@ for v in $VARIANTS; do
     clipxm_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" "${NO_GRAPH[@]}" method.cross_modal_pairs=true train.seed="$seed" ;;
     kclip_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" ;;
     kclip_nofilter_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.e2e_filter=false ;;
+    kclip_nolinks_s*) launch "$v" "${STAGE2[@]}" "${NOLINKS_STREAM[@]}" train.seed="$seed" ;;
     kclip2x_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" data.batch_size=128 ;;
     kclip_no_*) objective=${v#kclip_no_}; objective=${objective%_s*}
                 launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method."${objective}"_weight=0 ;;

@@ -339,6 +339,16 @@ def test_fashion_tables(wordnet) -> None:
     assert set(fashion.ancestor_labels(wordnet, {"footwear.n.02", "shoe.n.01"})) == {"footwear", "shoe"}
 
 
+def test_fashion_graph_can_drop_the_links_between_classes(wordnet) -> None:
+    no_images = (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8), [])
+    full = fashion.fashion_graph(wordnet, *no_images, wordnet_hops=0)
+    cut = fashion.fashion_graph(wordnet, *no_images, wordnet_hops=0, drop_class_links=True)
+    link = ("jersey.n.03", "is a", "shirt.n.01")  # WordNet 3.0: a T-shirt is a shirt
+    assert link in full.edges and link not in cut.edges
+    assert set(full.edges) - set(cut.edges) == {link, ("shirt.n.01", "has subtype", "jersey.n.03")}
+    assert cut.entities == full.entities and cut.meta["dropped_class_links"] == 2
+
+
 def test_make_fashion_kg(tmp_path: Path, wordnet, fashion_source: Path) -> None:
     tool = load_tool("make_fashion_kg")
     out = tmp_path / "fashion"
