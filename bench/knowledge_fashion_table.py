@@ -42,6 +42,7 @@ def diagnostic_metrics(row: dict) -> dict[str, float]:
         out |= {"image_knn": row["image_knn_top1"] * 100,
                 "errors_same_group": sum(confusion[i][j] for i, j in pairs if group[i] == group[j]),
                 "errors_other_group": sum(confusion[i][j] for i, j in pairs if group[i] != group[j]),
+                "tshirt_as_shirt": confusion[0][6], "shirt_as_tshirt": confusion[6][0],
                 "image_cos_same_group": row["image_cos_same_group"],
                 "image_cos_other_group": row["image_cos_other_group"]}
     return out
@@ -69,14 +70,15 @@ def main(root: str = "runs/kclip") -> int:
               f"{statistics.median(t for *_, t in runs):.0f} |")
     print("\nWhere the class task is lost (knowledge_diagnostics.py, 10,000 test images; mean ± sd over seeds):\n")
     columns = {"image_knn": "image 10-NN top-1", "errors_same_group": "errors within a group",
-               "errors_other_group": "errors across groups", "image_cos_same_group": "image cos, same group",
+               "errors_other_group": "errors across groups", "tshirt_as_shirt": "T-shirt → shirt",
+               "shirt_as_tshirt": "shirt → T-shirt", "image_cos_same_group": "image cos, same group",
                "image_cos_other_group": "image cos, other group"}
     print("| variant | seeds | " + " | ".join(columns.values()) + " |")
     print("|---|---|" + "---|" * len(columns))
     for variant, runs in by_variant.items():
         with_diag = [(s, m) for s, m, _ in runs if "image_knn" in m]
         if with_diag:
-            cells = [mean_sd([m[k] for _, m in with_diag], digits=0 if k.startswith("errors") else
+            cells = [mean_sd([m[k] for _, m in with_diag], digits=0 if k.startswith("errors") or "shirt" in k else
                              (1 if k == "image_knn" else 3)) for k in columns]
             print(f"| {variant} | {','.join(str(s) for s, _ in with_diag)} | " + " | ".join(cells) + " |")
     return 0
