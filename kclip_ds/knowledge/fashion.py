@@ -195,7 +195,7 @@ def check_wordnet_links(wordnet) -> None:
     """Each class synset exists and its group is among its hypernym ancestors; no caption leaks a group term."""
     for cls in CLASSES:
         try:
-            synset = wordnet.synset(cls.synset)
+            wordnet.synset(cls.synset)
         except Exception as exc:  # nltk raises its WordNetError, or ValueError for a malformed name
             raise KGError(f"{cls.label}: synset {cls.synset} not in this WordNet ({exc}); it must be WordNet 3.0 "
                           "(apt-get install wordnet-base)") from exc
