@@ -18,6 +18,10 @@
 #   kclipxm       kclip + the cross-modal facts as pairs (method.cross_modal_pairs)
 #   kclip_nolinks kclip on data/fashion_nolinks (make_fashion_kg.py --drop-class-links): the KG without the
 #                 WordNet edges between two classes (T-shirt —is a→ shirt), the facts that contradict the labels
+#   kclip_hidetext  kclip with method.e2e_hide=text: an (image, r, text) fact always hides the text, so E2E never
+#                 retrieves an image and the image embeddings are left to the CLIP term
+#   kclip_coolN   kclip with the knowledge objectives falling linearly to 0 over the last N steps
+#                 (method.objective_cooldown_steps=N): the run ends on the CLIP term (and the stream) alone
 #   kclip2x       kclip with twice the batch (2 × 128): the triplets come on top of about as many pair rows as
 #                 CLIP's batch holds, instead of taking half of them
 #   kclip_no_X    kclip without objective X (X = e2e, e2r, g2e, kd, clip: ablation)
@@ -78,6 +82,9 @@ for v in $VARIANTS; do
     kclip_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" ;;
     kclip_nofilter_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.e2e_filter=false ;;
     kclip_nolinks_s*) launch "$v" "${STAGE2[@]}" "${NOLINKS_STREAM[@]}" train.seed="$seed" ;;
+    kclip_hidetext_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.e2e_hide=text ;;
+    kclip_cool*_s*) n=${v#kclip_cool}; n=${n%_s*}
+                    launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.objective_cooldown_steps="$n" ;;
     kclip2x_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" data.batch_size=128 ;;
     kclip_no_*) objective=${v#kclip_no_}; objective=${objective%_s*}
                 launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method."${objective}"_weight=0 ;;

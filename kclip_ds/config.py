@@ -95,6 +95,7 @@ class MethodConfig:
     cross_modal_pairs: bool = False  # (image, r, text) triplets also join the InfoNCE as image–text pairs
     e2e_weight: float = 1.0  # masked head/tail -> the true entity among the global batch's entities
     e2e_filter: bool = True  # rows asking the same (relation, known entity, side) are not each other's negatives
+    e2e_hide: str = "any"  # any: the sampled side; text: an (image, r, text) fact always hides its text side
     e2r_weight: float = 1.0  # masked relation -> its relation (classify and/or contrast, e2r_mode)
     e2r_mode: str = "both"  # classify | contrast | both
     g2e_weight: float = 1.0  # entity neighbourhood graph -> the entity's own embedding
@@ -102,6 +103,7 @@ class MethodConfig:
     kd_teacher: str = "online"  # online: a frozen copy of the initial towers; features: teacher.npy in the shards
     kd_teacher_dtype: str = "bf16"  # bf16 | fp32 (the online teacher's weights and compute)
     objective_ramp_steps: int = 0  # the knowledge objectives' weights ramp linearly from 0 over these steps
+    objective_cooldown_steps: int = 0  # ... and fall linearly to 0 over the last these of train.max_steps
     neighbour_edges: int = 8  # G2E: neighbourhood edges per entity given to the graph encoder
     relations: list[str] = field(default_factory=list)  # E2R vocabulary; empty: from the triplet shards' manifests
 
@@ -232,12 +234,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     for key, value in {"train.save_every": cfg.train.save_every, "train.eval_every": cfg.train.eval_every,
                        "data.workers": cfg.data.workers, "data.max_corrupt": cfg.data.max_corrupt,
-                       "train.warmup_steps": cfg.train.warmup_steps}.items():
+                       "train.warmup_steps": cfg.train.warmup_steps,
+                       "method.objective_ramp_steps": cfg.method.objective_ramp_steps,
+                       "method.objective_cooldown_steps": cfg.method.objective_cooldown_steps}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if cfg.method.name not in ("clip", "structure_clip", "knowledge_clip"):
         raise ConfigError(f"method.name must be clip, structure_clip or knowledge_clip, got {cfg.method.name!r}")
     choices = {"method.e2r_mode": (cfg.method.e2r_mode, ("classify", "contrast", "both")),
+               "method.e2e_hide": (cfg.method.e2e_hide, ("any", "text")),
                "method.kd_teacher": (cfg.method.kd_teacher, ("online", "features")),
                "method.kd_teacher_dtype": (cfg.method.kd_teacher_dtype, ("bf16", "fp32"))}
     for key, (value, allowed) in choices.items():

@@ -168,7 +168,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
             corrupt_keys += batch.corrupt_keys
             b = batch.to(device, dtype)
             out = engine(images=b.images, texts=b.texts, valid=b.valid, neg_texts=b.neg_texts, neg_valid=b.neg_valid,
-                         **method_inputs(cfg.method, b, step))
+                         **method_inputs(cfg.method, b, step, cfg.train.max_steps))
             engine.backward(out["loss"])
             engine.step()
             loss_sum += out["loss"].detach().float()

@@ -19,8 +19,8 @@ from kclip_ds.export.extras import load_extras
 from kclip_ds.knowledge.teacher import precompute_teacher
 from kclip_ds.knowledge.triplet_batch import TripletRows, TripletSpec, entity_key, relation_vocabulary
 from kclip_ds.knowledge.triplet_shards import decode_triplet
-from kclip_ds.methods import build_method
-from kclip_ds.methods.knowledge_clip import e2e_query_groups
+from kclip_ds.methods import build_method, objective_factor
+from kclip_ds.methods.knowledge_clip import e2e_query_groups, e2e_sides
 from kclip_ds.models.graph import ElementEncoder
 from kclip_ds.models.towers import build_towers
 from tests.conftest import REPO, assert_ok, torchrun
@@ -150,6 +150,14 @@ def test_one_pass_per_tower_and_the_teacher_stays_outside(fashion_data: Path) ->
         text_only["tail_is_image"][:] = False
         out = method(images=batch.images, texts=batch.texts, valid=kg["triplet"], knowledge=text_only)
         assert math.isfinite(out["loss"].item())
+        # e2e_hide=text: where every image fact already hides its text side, it changes nothing; elsewhere it does
+        method.eval()
+        e2e = lambda hide, k: (setattr(method, "e2e_hide", hide),
+                               method(images=batch.images, texts=batch.texts, valid=batch.valid, knowledge=k))[1]
+        text_side = {**kg, "mask_tail": torch.where(kg["head_is_image"], True, kg["mask_tail"])}
+        image_side = {**kg, "mask_tail": torch.where(kg["head_is_image"], False, kg["mask_tail"])}
+        assert e2e("text", image_side)["logs"]["loss_e2e"] == e2e("any", text_side)["logs"]["loss_e2e"]
+        assert e2e("any", image_side)["logs"]["loss_e2e"] != e2e("any", text_side)["logs"]["loss_e2e"]
 
 
 def test_e2e_query_groups_pair_rows_that_ask_the_same_question() -> None:
@@ -163,6 +171,28 @@ def test_e2e_query_groups_pair_rows_that_ask_the_same_question() -> None:
     assert groups[0] != groups[2]  # another visible tail
     assert groups[1] != groups[3]  # the same triplet, the other side hidden
     assert groups[4] != groups[5]  # relations outside the vocabulary never group
+
+
+def test_e2e_hide_text_never_asks_for_an_image() -> None:
+    # rows: (image, r, text) ×2 with both coins, (text, r, image), (text, r, text), (image, r, image)
+    kg = {"head_is_image": torch.tensor([True, True, False, False, True]),
+          "tail_is_image": torch.tensor([False, False, True, False, True]),
+          "mask_tail": torch.tensor([False, True, True, False, True])}
+    assert e2e_sides(kg, "any")[0].tolist() == kg["mask_tail"].tolist()
+    assert e2e_sides(kg, "any")[1].all()
+    mask_tail, rows = e2e_sides(kg, "text")
+    assert mask_tail.tolist()[:4] == [True, True, False, False]  # the text side; a text–text row keeps its coin
+    assert rows.tolist() == [True, True, True, True, False]  # nothing to hide between two images
+    hidden_is_image = torch.where(mask_tail, kg["tail_is_image"], kg["head_is_image"])
+    assert not (hidden_is_image & rows).any()
+
+
+def test_objective_factor_ramps_up_and_cools_down() -> None:
+    cfg = MethodConfig(name="knowledge_clip", objective_ramp_steps=4, objective_cooldown_steps=5)
+    factors = [objective_factor(cfg, step, 20) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4:15] == [1.0] * 11
+    assert factors[15:] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])  # the last step trains the CLIP term alone
+    assert [objective_factor(MethodConfig(), step, 20) for step in (0, 19)] == [1.0, 1.0]
 
 
 def test_knowledge_losses_match_single_process_on_2_ranks() -> None:

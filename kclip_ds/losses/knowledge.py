@@ -26,7 +26,8 @@ from kclip_ds.losses.contrastive import check_pair, gather_features, gather_mask
 NEG_INF = float("-inf")
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's rank, 0 without torch.distributed."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -45,7 +46,7 @@ class EntityContrastiveLoss(nn.Module):
             f"query_groups must be [{len(valid)}, K], got {tuple(query_groups.shape)}"
         batch = queries.shape[0]
         all_keys, all_ids, all_valid = gather_features(keys.float()), gather_mask(entity_ids), gather_mask(valid)
-        labels = torch.arange(batch, device=queries.device) + _rank() * batch
+        labels = torch.arange(batch, device=queries.device) + rank() * batch
         logits = logit_scale.float().reshape(()) * queries.float() @ all_keys.T
         duplicate = entity_ids[:, None] == all_ids[None, :]
         if query_groups is not None:

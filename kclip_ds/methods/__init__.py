@@ -34,11 +34,20 @@ def uses_triples(cfg: MethodConfig) -> bool:
     return cfg.name == "structure_clip"
 
 
-def method_inputs(cfg: MethodConfig, batch: Batch, step: int) -> dict[str, Any]:
-    """The method-specific forward arguments of a training batch (already on the device) at ``step``."""
+def objective_factor(cfg: MethodConfig, step: int, max_steps: int) -> float:
+    """The factor on Knowledge-CLIP's knowledge objectives at 0-based ``step`` of ``max_steps``: a linear ramp
+    from 0 over the first ``objective_ramp_steps``, a linear fall to 0 over the last ``objective_cooldown_steps``."""
+    ramp = min(1.0, (step + 1) / cfg.objective_ramp_steps) if cfg.objective_ramp_steps else 1.0
+    cool = min(1.0, (max_steps - step - 1) / cfg.objective_cooldown_steps) if cfg.objective_cooldown_steps else 1.0
+    return max(0.0, min(ramp, cool))
+
+
+def method_inputs(cfg: MethodConfig, batch: Batch, step: int, max_steps: int) -> dict[str, Any]:
+    """The method-specific forward arguments of a training batch (already on the device) at 0-based ``step``
+    of ``max_steps``."""
     if cfg.name == "structure_clip":
         return {"triples": batch.triples, "warmup": batch.epoch == 0 and step < cfg.warmup_steps}
     if cfg.name == "knowledge_clip":
-        ramp = min(1.0, (step + 1) / cfg.objective_ramp_steps) if cfg.objective_ramp_steps else 1.0
-        return {"knowledge": batch.knowledge, "teacher": batch.teacher, "ramp": ramp}
+        return {"knowledge": batch.knowledge, "teacher": batch.teacher,
+                "ramp": objective_factor(cfg, step, max_steps)}
     return {}

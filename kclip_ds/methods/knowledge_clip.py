@@ -29,7 +29,7 @@ from torch import nn
 
 from kclip_ds.config import MethodConfig
 from kclip_ds.kernels import build_contrastive_loss
-from kclip_ds.losses.knowledge import DistillationLoss, EntityContrastiveLoss, GlobalCrossEntropy
+from kclip_ds.losses.knowledge import DistillationLoss, EntityContrastiveLoss, GlobalCrossEntropy, rank
 from kclip_ds.models.graph import ElementEncoder, TripleEncoder
 
 MAX_LOGIT_SCALE = 100.0
@@ -75,6 +75,7 @@ class KnowledgeClipMethod(nn.Module):
         self.weights = {"clip": cfg.clip_weight, "e2e": cfg.e2e_weight, "e2r": cfg.e2r_weight,
                         "g2e": cfg.g2e_weight, "kd": cfg.kd_weight}
         self.e2r_mode, self.cross_modal_pairs, self.e2e_filter = cfg.e2r_mode, cfg.cross_modal_pairs, cfg.e2e_filter
+        self.e2e_hide = cfg.e2e_hide
         classify = cfg.e2r_weight > 0 and cfg.e2r_mode in ("classify", "both")
         self.element_encoder = ElementEncoder(
             image_width=model.visual.transformer.width, text_width=model.transformer.width, width=cfg.graph_width,
@@ -220,15 +221,16 @@ class KnowledgeClipMethod(nn.Module):
         rows = torch.arange(len(trip), device=trip.device)
         losses: dict[str, torch.Tensor] = {}
         if self.weights["e2e"] > 0:
-            hidden = torch.where(kg["mask_tail"], TAIL, HEAD)
+            mask_tail, e2e_rows = e2e_sides(kg, self.e2e_hide)
+            hidden = torch.where(mask_tail, TAIL, HEAD)
             masked = nn.functional.one_hot(hidden, 3).bool()
             encoded = self.element_encoder(slots, slot_mask, masked)
             self._outputs += [encoded.slots, encoded.triplet, encoded.hidden]
             query = encoded.slots[rows, hidden]
-            target = torch.where(kg["mask_tail"][:, None], feats["tail"], feats["head"])
-            ids = torch.where(kg["mask_tail"], kg["tail_id"], kg["head_id"])
-            groups = e2e_query_groups(kg) if self.e2e_filter else None
-            losses["e2e"] = self.entity_loss(query, target, ids, trip, scale, groups)
+            target = torch.where(mask_tail[:, None], feats["tail"], feats["head"])
+            ids = torch.where(mask_tail, kg["tail_id"], kg["head_id"])
+            groups = e2e_query_groups(kg, mask_tail) if self.e2e_filter else None
+            losses["e2e"] = self.entity_loss(query, target, ids, trip & e2e_rows, scale, groups)
         if self.weights["e2r"] > 0:
             masked = nn.functional.one_hot(torch.full_like(rows, RELATION), 3).bool()
             out = self.element_encoder(slots, slot_mask, masked)
@@ -255,15 +257,28 @@ class KnowledgeClipMethod(nn.Module):
         return losses
 
 
-def e2e_query_groups(kg: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B, 3] int64: what each E2E row asks — (relation, the entity left visible, which side is hidden).
-    Equal rows share their answers: (?, is an image of, boot) is answered by every boot image of the batch.
-    A relation outside the vocabulary (index −1) gets a value of its own per row, so it never groups."""
+def e2e_sides(kg: dict[str, torch.Tensor], hide: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask_tail [B] bool, rows [B] bool): which side each E2E row hides, and the rows E2E uses.
+    hide="any": the side sampled into the batch (``kg["mask_tail"]``), every row.  hide="text": a row with one
+    image and one text entity hides the text, so E2E never asks for an image and the image embeddings are left
+    to the CLIP term; rows of two images are left out; text–text rows keep their sampled side."""
+    if hide == "any":
+        return kg["mask_tail"], torch.ones_like(kg["mask_tail"])
+    head_image, tail_image = kg["head_is_image"], kg["tail_is_image"]
+    mask_tail = torch.where(head_image ^ tail_image, head_image, kg["mask_tail"])
+    return mask_tail, ~(head_image & tail_image)
+
+
+def e2e_query_groups(kg: dict[str, torch.Tensor], mask_tail: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 3] int64: what each E2E row asks — (relation, the entity left visible, which side is hidden);
+    ``mask_tail`` defaults to the batch's sampled sides.  Equal rows share their answers: (?, is an image of,
+    boot) is answered by every boot image of the batch.  A relation outside the vocabulary (index −1) gets a
+    value of its own per row, so it never groups."""
+    mask_tail = kg["mask_tail"] if mask_tail is None else mask_tail
     rows = torch.arange(len(kg["relation"]), device=kg["relation"].device)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    relation = torch.where(kg["relation"] >= 0, kg["relation"], -1 - (rows + rank * len(rows)))
-    known = torch.where(kg["mask_tail"], kg["head_id"], kg["tail_id"])
-    return torch.stack((relation, known, kg["mask_tail"].long()), 1)
+    relation = torch.where(kg["relation"] >= 0, kg["relation"], -1 - (rows + rank() * len(rows)))
+    known = torch.where(mask_tail, kg["head_id"], kg["tail_id"])
+    return torch.stack((relation, known, mask_tail.long()), 1)
 
 
 def teacher_rows(teacher: dict[str, torch.Tensor] | None, rows: torch.Tensor) -> torch.Tensor:
