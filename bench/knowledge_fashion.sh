@@ -2,7 +2,7 @@
 # Knowledge-CLIP vs CLIP on Fashion-MNIST × WordNet (docs/RESULTS.md "Knowledge-CLIP"), CPU, 2 ranks each.
 #   bash bench/knowledge_fashion.sh [RUNS_DIR] [VARIANTS...]     (default: every variant below)
 # Needs data/fashion (python tools/make_fashion_kg.py --out data/fashion); kclip_nolinks also data/fashion_nolinks
-# (… --out data/fashion_nolinks --drop-class-links).
+# (… --out data/fashion_nolinks --drop-class-links), kclip_lemmas data/fashion_lemmas (… --class-text lemmas).
 #
 # Protocol. Stage 1 trains plain CLIP on the pairs until class zero-shot has levelled off: it stands in for the
 # pretrained CLIP that Knowledge-CLIP continues from, and is the KD teacher (its features are precomputed into
@@ -18,8 +18,13 @@
 #   kclipxm       kclip + the cross-modal facts as pairs (method.cross_modal_pairs)
 #   kclip_nolinks kclip on data/fashion_nolinks (make_fashion_kg.py --drop-class-links): the KG without the
 #                 WordNet edges between two classes (T-shirt —is a→ shirt), the facts that contradict the labels
+#   kclip_lemmas  kclip on data/fashion_lemmas (make_fashion_kg.py --class-text lemmas): each class entity is worded
+#                 by its lemmas alone ("jersey, T-shirt, tee shirt"), without the gloss that names a sibling class
 #   kclip_hidetext  kclip with method.e2e_hide=text: an (image, r, text) fact always hides the text, so E2E never
 #                 retrieves an image and the image embeddings are left to the CLIP term
+#   kclip_noimg   kclip with method.knowledge_image_grad=false: the triplets' images feed the knowledge objectives
+#                 but get no gradient from them, so the image tower learns from the CLIP and KD pairs alone
+#   kclip2x_noimg kclip_noimg with twice the batch (as kclip2x)
 #   kclip_coolN   kclip with the knowledge objectives falling linearly to 0 over the last N steps
 #                 (method.objective_cooldown_steps=N): the run ends on the CLIP term (and the stream) alone
 #   kclip2x       kclip with twice the batch (2 × 128): the triplets come on top of about as many pair rows as
@@ -70,6 +75,8 @@ STREAM=(data.train="$OUT/pairs_teacher/{000000..000054}.tar::$TRIPLETS" data.tra
         method.kd_teacher=features)
 NOLINKS_STREAM=(data.train="$OUT/pairs_teacher/{000000..000054}.tar::${TRIPLETS/data\/fashion\//data/fashion_nolinks/}"
                 data.train_upsampling_factors="$MIX" method.kd_teacher=features)
+LEMMAS_STREAM=(data.train="$OUT/pairs_teacher/{000000..000054}.tar::${TRIPLETS/data\/fashion\//data/fashion_lemmas/}"
+               data.train_upsampling_factors="$MIX" method.kd_teacher=features)
 NO_GRAPH=(method.e2e_weight=0 method.e2r_weight=0 method.g2e_weight=0 method.kd_weight=0)
 VARIANTS=${*:-"clip_s0 kclip_s0 kclipxm_s0 clip_s1 kclip_s1 kclipxm_s1 clip_s2 kclip_s2 kclipxm_s2 clipxm_s0
                kclipxm_no_e2e_s0 kclipxm_no_e2r_s0 kclipxm_no_g2e_s0 kclipxm_no_kd_s0 kclipxm_online_s0"}
@@ -82,9 +89,13 @@ for v in $VARIANTS; do
     kclip_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" ;;
     kclip_nofilter_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.e2e_filter=false ;;
     kclip_nolinks_s*) launch "$v" "${STAGE2[@]}" "${NOLINKS_STREAM[@]}" train.seed="$seed" ;;
+    kclip_lemmas_s*) launch "$v" "${STAGE2[@]}" "${LEMMAS_STREAM[@]}" train.seed="$seed" ;;
     kclip_hidetext_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.e2e_hide=text ;;
     kclip_cool*_s*) n=${v#kclip_cool}; n=${n%_s*}
                     launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.objective_cooldown_steps="$n" ;;
+    kclip_noimg_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.knowledge_image_grad=false ;;
+    kclip2x_noimg_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" data.batch_size=128 \
+                        method.knowledge_image_grad=false ;;
     kclip2x_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" data.batch_size=128 ;;
     kclip_no_*) objective=${v#kclip_no_}; objective=${objective%_s*}
                 launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method."${objective}"_weight=0 ;;

@@ -339,7 +339,7 @@ def test_fashion_tables(wordnet) -> None:
     assert set(fashion.ancestor_labels(wordnet, {"footwear.n.02", "shoe.n.01"})) == {"footwear", "shoe"}
 
 
-def test_fashion_graph_can_drop_the_links_between_classes(wordnet) -> None:
+def test_fashion_graph_interventions_drop_class_links_or_glosses(wordnet) -> None:
     no_images = (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8), [])
     full = fashion.fashion_graph(wordnet, *no_images, wordnet_hops=0)
     cut = fashion.fashion_graph(wordnet, *no_images, wordnet_hops=0, drop_class_links=True)
@@ -347,6 +347,14 @@ def test_fashion_graph_can_drop_the_links_between_classes(wordnet) -> None:
     assert link in full.edges and link not in cut.edges
     assert set(full.edges) - set(cut.edges) == {link, ("shirt.n.01", "has subtype", "jersey.n.03")}
     assert cut.entities == full.entities and cut.meta["dropped_class_links"] == 2
+    lemmas = fashion.fashion_graph(wordnet, *no_images, wordnet_hops=0, class_text="lemmas")
+    assert lemmas.edges == full.edges and lemmas.meta["class_text"] == "lemmas"
+    assert full.entities["jersey.n.03"].text == "jersey, T-shirt, tee shirt: a close-fitting pullover shirt"
+    assert lemmas.entities["jersey.n.03"].text == "jersey, T-shirt, tee shirt"
+    changed = {i for i in full.entities if full.entities[i] != lemmas.entities[i]}
+    assert changed == {c.synset for c in fashion.CLASSES}  # the hypernyms keep their glosses
+    with pytest.raises(ValueError, match="'train-00001' not a text entity"):
+        full.edited(texts={"train-00001": "a boot"})
 
 
 def test_make_fashion_kg(tmp_path: Path, wordnet, fashion_source: Path) -> None:

@@ -158,6 +158,14 @@ def test_one_pass_per_tower_and_the_teacher_stays_outside(fashion_data: Path) ->
         image_side = {**kg, "mask_tail": torch.where(kg["head_is_image"], False, kg["mask_tail"])}
         assert e2e("text", image_side)["logs"]["loss_e2e"] == e2e("any", text_side)["logs"]["loss_e2e"]
         assert e2e("any", image_side)["logs"]["loss_e2e"] != e2e("any", text_side)["logs"]["loss_e2e"]
+    # knowledge_image_grad=false: on triplet rows alone, no gradient reaches the image tower; the text tower's does
+    for image_grad in (True, False):
+        method.zero_grad()
+        method.knowledge_image_grad = image_grad
+        method(images=batch.images, texts=batch.texts, valid=kg["triplet"], knowledge=kg)["loss"].backward()
+        grads = dict(method.named_parameters())
+        assert bool(grads["model.visual.conv1.weight"].grad.abs().sum() > 0) == image_grad
+        assert grads["model.token_embedding.weight"].grad.abs().sum() > 0
 
 
 def test_e2e_query_groups_pair_rows_that_ask_the_same_question() -> None:

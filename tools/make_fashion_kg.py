@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="WordNet pointer steps around the classes and their hypernym paths (default 2)")
     parser.add_argument("--drop-class-links", action="store_true",
                         help="leave out WordNet edges between two class synsets (T-shirt —is a→ shirt): an intervention")
+    parser.add_argument("--class-text", choices=("gloss", "lemmas"), default="gloss",
+                        help="class entity texts: lemmas and gloss (default), or lemmas only: an intervention")
     parser.add_argument("--hops", type=int, default=1, help="neighbourhood hops stored per triplet (default 1)")
     parser.add_argument("--max-edges", type=int, default=8, help="neighbourhood edges at most (default 8)")
     parser.add_argument("--no-tail-neighbourhood", action="store_true", help="store the head's neighbourhood only")
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None, wordnet=None) -> int:
             val_per_class=args.val_per_class, triplet_images_per_class=args.triplet_images_per_class,
             wordnet_hops=args.wordnet_hops, shard_size=args.shard_size, seed=args.seed, wordnet=wordnet,
             wordnet_cache=args.wordnet_cache, drop_class_links=args.drop_class_links,
+            class_text=args.class_text,
             neighbourhood=NeighbourhoodConfig(args.hops, args.max_edges, not args.no_tail_neighbourhood, args.seed))
     except (KGError, OSError) as exc:
         print(f"make_fashion_kg: error: {str(exc).replace(chr(10), ' ')}", file=sys.stderr)

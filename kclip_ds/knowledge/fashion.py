@@ -227,26 +227,26 @@ def _zeroshot_sample(index: int, images: np.ndarray, labels: np.ndarray, hyperny
 
 
 def fashion_graph(wordnet, images: np.ndarray, labels: np.ndarray, indices: list[int],
-                  wordnet_hops: int = 2, drop_class_links: bool = False) -> KnowledgeGraph:
+                  wordnet_hops: int = 2, drop_class_links: bool = False, class_text: str = "gloss") -> KnowledgeGraph:
     """WordNet around the class synsets (:func:`wordnet_neighbourhood`) + one image entity per train index,
-    linked to its class synset by :data:`IMAGE_RELATION`.  ``drop_class_links``: leave out the WordNet edges
-    between two class synsets (jersey.n.03 —is a→ shirt.n.01 and its inverse, in WordNet 3.0), the facts that
-    contradict the labels' partition — an intervention for bench/knowledge_fashion.sh, not a default."""
+    linked to its class synset by :data:`IMAGE_RELATION`.  Two interventions for bench/knowledge_fashion.sh,
+    not defaults: ``drop_class_links`` leaves out the WordNet edges between two class synsets (jersey.n.03 —is
+    a→ shirt.n.01 and its inverse, in WordNet 3.0), the facts that contradict the labels' partition;
+    ``class_text="lemmas"`` words each class entity by its lemmas alone ("jersey, T-shirt, tee shirt"), without
+    the gloss ("a close-fitting pullover shirt") that names a sibling class."""
+    if class_text not in ("gloss", "lemmas"):
+        raise KGError(f"class_text must be 'gloss' or 'lemmas', got {class_text!r}")
     kg = read_wordnet(wordnet, synsets=wordnet_neighbourhood(wordnet, [c.synset for c in CLASSES], wordnet_hops))
-    dropped = 0
-    if drop_class_links:
-        synsets, full = {c.synset for c in CLASSES}, kg
-        kg = KnowledgeGraph()
-        for entity in full.entities.values():
-            kg.add_entity(entity)
-        for edge in full.edges:
-            if edge.head in synsets and edge.tail in synsets:
-                dropped += 1
-            else:
-                kg.add_edge(*edge)
+    synsets = {c.synset for c in CLASSES}
+    links = [e for e in kg.edges if e.head in synsets and e.tail in synsets] if drop_class_links else []
+    texts = ({s: ", ".join(n.replace("_", " ") for n in wordnet.synset(s).lemma_names()) for s in sorted(synsets)}
+             if class_text == "lemmas" else {})
+    if links or texts:
+        kg = kg.edited(drop=links, texts=texts)
     kg.meta = {"source": "wordnet-3.0 + fashion-mnist train", "wordnet_hops": wordnet_hops,
                "wordnet_entities": len(kg.entities), "wordnet_triplets": len(kg), "image_triplets": len(indices),
-               **({"dropped_class_links": dropped} if drop_class_links else {})}
+               **({"dropped_class_links": len(links)} if drop_class_links else {}),
+               **({"class_text": class_text} if class_text != "gloss" else {})}
     for index in indices:
         entity = kg.add_entity(Entity(f"train-{index:05d}", IMAGE, images=(image_png(images[index]),)))
         kg.add_edge(entity.id, IMAGE_RELATION, CLASSES[int(labels[index])].synset)
@@ -256,6 +256,7 @@ def fashion_graph(wordnet, images: np.ndarray, labels: np.ndarray, indices: list
 def make_fashion_kg(out: str | os.PathLike, *, source: str | os.PathLike = FASHION_DIR,
                     limit_per_class: int | None = None, val_per_class: int = 500,
                     triplet_images_per_class: int | None = 1000, wordnet_hops: int = 2, drop_class_links: bool = False,
+                    class_text: str = "gloss",
                     neighbourhood: NeighbourhoodConfig = TRIPLET_NEIGHBOURHOOD,
                     shard_size: int = 1000, seed: int = 0, wordnet=None, wordnet_cache: str | os.PathLike | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -300,7 +301,7 @@ def make_fashion_kg(out: str | os.PathLike, *, source: str | os.PathLike = FASHI
         write(name, indices["test"], lambda i, h=hypernym: _zeroshot_sample(i, test_images, test_labels, h),
               {"kind": "zeroshot", **classes})
         atomic_write_text(out / name / CLASSES_NAME, json.dumps(classes, indent=1) + "\n")
-    kg = fashion_graph(wordnet, train_images, train_labels, triplet_indices, wordnet_hops, drop_class_links)
+    kg = fashion_graph(wordnet, train_images, train_labels, triplet_indices, wordnet_hops, drop_class_links, class_text)
     results["triplets"] = write_triplet_shards(kg, out / "triplets", shard_size=shard_size, neighbourhood=neighbourhood,
                                                log=log)
     log(f"triplets: {results['triplets'].manifest.total} samples ({kg.meta['wordnet_triplets']} WordNet + "

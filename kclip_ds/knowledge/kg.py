@@ -127,6 +127,20 @@ class KnowledgeGraph:
         for edge in other.edges:
             self.add_edge(*edge)
 
+    def edited(self, drop: Iterable[Edge] = (), texts: dict[str, str] | None = None) -> KnowledgeGraph:
+        """A copy without the edges ``drop`` and with the text entities of ``texts`` (id → text) re-worded."""
+        texts, drop = texts or {}, set(drop)
+        unknown = sorted(i for i in texts if i not in self.entities or self.entities[i].kind != TEXT)
+        if unknown:
+            raise ValueError(f"edited(texts=...): {', '.join(map(repr, unknown))} not a text entity of this graph")
+        out = KnowledgeGraph(meta=dict(self.meta))
+        for entity in self.entities.values():
+            out.add_entity(Entity(entity.id, TEXT, texts[entity.id]) if entity.id in texts else entity)
+        for edge in self._edges:
+            if edge not in drop:
+                out.add_edge(*edge)
+        return out
+
     @property
     def edges(self) -> list[Edge]:
         return list(self._edges)

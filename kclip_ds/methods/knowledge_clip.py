@@ -75,7 +75,7 @@ class KnowledgeClipMethod(nn.Module):
         self.weights = {"clip": cfg.clip_weight, "e2e": cfg.e2e_weight, "e2r": cfg.e2r_weight,
                         "g2e": cfg.g2e_weight, "kd": cfg.kd_weight}
         self.e2r_mode, self.cross_modal_pairs, self.e2e_filter = cfg.e2r_mode, cfg.cross_modal_pairs, cfg.e2e_filter
-        self.e2e_hide = cfg.e2e_hide
+        self.e2e_hide, self.knowledge_image_grad = cfg.e2e_hide, cfg.knowledge_image_grad
         classify = cfg.e2r_weight > 0 and cfg.e2r_mode in ("classify", "both")
         self.element_encoder = ElementEncoder(
             image_width=model.visual.transformer.width, text_width=model.transformer.width, width=cfg.graph_width,
@@ -199,6 +199,9 @@ class KnowledgeClipMethod(nn.Module):
             return feats, tokens
         enc = self.element_encoder
         img_tok, txt_tok = split(found["image"], image_parts), split(found["text"], text_parts)
+        if not self.knowledge_image_grad:  # the triplets' images are inputs to the knowledge objectives, not targets
+            v_parts = (v_parts[0], *(x.detach() for x in v_parts[1:]))
+            img_tok = (img_tok[0], *(x.detach() for x in img_tok[1:]))
         txt_keep = split((text_in != 0)[:, : found["text"].shape[1]], text_parts)  # the tower may trim padding
         length = max(found["image"].shape[1], found["text"].shape[1])
         for j, side in enumerate(("head", "tail"), start=1):
