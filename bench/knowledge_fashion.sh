@@ -9,6 +9,7 @@
 # the pair shards, method.kd_teacher=features). Every stage-2 variant starts from it, runs the same steps with the
 # same batch and seed set, and differs only in its stream and objectives:
 #   clip          pairs only
+#   clip2x        clip with twice the batch (2 × 128 pairs): the compute-matched control of the 2x variants
 #   clipxm        the Knowledge-CLIP stream (pairs + triplets, MIX), CLIP loss on the pairs and on the
 #                 (image, "is an image of", text) facts as pairs; no graph objectives — the "more text" control
 #   clipmix       the Knowledge-CLIP stream, CLIP loss on its pair rows only (≈ 47 %): the "fewer pairs" control
@@ -84,6 +85,7 @@ for v in $VARIANTS; do
   seed=${v##*_s}
   case $v in
     clip_s*) launch "$v" "${STAGE2[@]}" "${ONLY_PAIRS[@]}" method.name=clip train.seed="$seed" ;;
+    clip2x_s*) launch "$v" "${STAGE2[@]}" "${ONLY_PAIRS[@]}" method.name=clip train.seed="$seed" data.batch_size=128 ;;
     clipmix_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" "${NO_GRAPH[@]}" train.seed="$seed" ;;
     clipxm_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" "${NO_GRAPH[@]}" method.cross_modal_pairs=true train.seed="$seed" ;;
     kclip_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" ;;
