@@ -95,7 +95,7 @@ class MethodConfig:
     cross_modal_pairs: bool = False  # (image, r, text) triplets also join the InfoNCE as image–text pairs
     e2e_weight: float = 1.0  # masked head/tail -> the true entity among the global batch's entities
     e2e_filter: bool = True  # rows asking the same (relation, known entity, side) are not each other's negatives
-    knowledge_image_grad: bool = True  # false: triplet images reach the towers' gradient only via CLIP/KD pairs
+    knowledge_image_grad: bool = True  # false: no gradient from triplet rows (cross-modal pairs too) to the images
     e2e_hide: str = "any"  # any: the sampled side; text: an (image, r, text) fact always hides its text side
     e2r_weight: float = 1.0  # masked relation -> its relation (classify and/or contrast, e2r_mode)
     e2r_mode: str = "both"  # classify | contrast | both
