@@ -26,6 +26,11 @@
 #   kclip_noimg   kclip with method.knowledge_image_grad=false: the triplets' images feed the knowledge objectives
 #                 but get no gradient from them, so the image tower learns from the CLIP and KD pairs alone
 #   kclip2x_noimg kclip_noimg with twice the batch (as kclip2x)
+#   kclipadd      kclip with the triplets ON TOP of CLIP's exact pair rows: data.mix=batch, batch 2 × 128 = 64 pairs
+#                 + 64 triplets per rank, the pairs shuffled as their own stream, so every step holds the very pair
+#                 rows of clip_sN (same seed) — a paired comparison: the knowledge terms are the only difference
+#   kclipadd_noimg  kclipadd with method.knowledge_image_grad=false
+#   kclipadd_noimg_nokd  kclipadd_noimg without KD (method.kd_weight=0): is the frozen init holding the class back?
 #   kclip_coolN   kclip with the knowledge objectives falling linearly to 0 over the last N steps
 #                 (method.objective_cooldown_steps=N): the run ends on the CLIP term (and the stream) alone
 #   kclip2x       kclip with twice the batch (2 × 128): the triplets come on top of about as many pair rows as
@@ -78,6 +83,8 @@ NOLINKS_STREAM=(data.train="$OUT/pairs_teacher/{000000..000054}.tar::${TRIPLETS/
                 data.train_upsampling_factors="$MIX" method.kd_teacher=features)
 LEMMAS_STREAM=(data.train="$OUT/pairs_teacher/{000000..000054}.tar::${TRIPLETS/data\/fashion\//data/fashion_lemmas/}"
                data.train_upsampling_factors="$MIX" method.kd_teacher=features)
+ADD_STREAM=(data.train="$OUT/pairs_teacher/{000000..000054}.tar::$TRIPLETS" data.train_upsampling_factors=1::1
+            data.mix=batch data.batch_size=128 method.kd_teacher=features)
 NO_GRAPH=(method.e2e_weight=0 method.e2r_weight=0 method.g2e_weight=0 method.kd_weight=0)
 VARIANTS=${*:-"clip_s0 kclip_s0 kclipxm_s0 clip_s1 kclip_s1 kclipxm_s1 clip_s2 kclip_s2 kclipxm_s2 clipxm_s0
                kclipxm_no_e2e_s0 kclipxm_no_e2r_s0 kclipxm_no_g2e_s0 kclipxm_no_kd_s0 kclipxm_online_s0"}
@@ -95,6 +102,10 @@ for v in $VARIANTS; do
     kclip_hidetext_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.e2e_hide=text ;;
     kclip_cool*_s*) n=${v#kclip_cool}; n=${n%_s*}
                     launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.objective_cooldown_steps="$n" ;;
+    kclipadd_s*) launch "$v" "${STAGE2[@]}" "${ADD_STREAM[@]}" train.seed="$seed" ;;
+    kclipadd_noimg_s*) launch "$v" "${STAGE2[@]}" "${ADD_STREAM[@]}" train.seed="$seed" method.knowledge_image_grad=false ;;
+    kclipadd_noimg_nokd_s*) launch "$v" "${STAGE2[@]}" "${ADD_STREAM[@]}" train.seed="$seed" \
+                              method.knowledge_image_grad=false method.kd_weight=0 ;;
     kclip_noimg_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.knowledge_image_grad=false ;;
     kclip2x_noimg_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" data.batch_size=128 \
                         method.knowledge_image_grad=false ;;

@@ -58,6 +58,7 @@ class DataConfig:
     workers: int = 2
     resampled: bool = False  # False: exact epochs; True: sample shards with replacement
     train_upsampling_factors: str = ""  # "1::2" — one weight per source (resampled mode only)
+    mix: str = "sample"  # several sources, resampled: "sample" (each sample draws its source) or "batch" (fixed rows)
     epoch_steps: int = 0  # resampled mode: steps per virtual epoch (0 = total samples / global batch)
     shuffle_buffer: int = 256  # samples; 0 disables in-shard shuffling
     max_corrupt: int = 10  # skipped corrupt samples tolerated per run before stopping with an error
@@ -256,6 +257,10 @@ def validate(cfg: Config) -> None:
     unknown = set(cfg.data.negatives) - {"relation", "attribute"}
     if unknown:
         raise ConfigError(f"data.negatives: unknown kind(s) {sorted(unknown)}; use relation and/or attribute")
+    if cfg.data.mix not in ("sample", "batch"):
+        raise ConfigError(f"data.mix must be sample or batch, got {cfg.data.mix!r}")
+    if cfg.data.mix == "batch" and not cfg.data.resampled:
+        raise ConfigError("data.mix=batch needs data.resampled=true (fixed rows per source come from resampled streams)")
     if cfg.data.train_upsampling_factors and not cfg.data.resampled:
         raise ConfigError("data.train_upsampling_factors needs data.resampled=true (as open_clip's flag does)")
     if cfg.data.train_upsampling_factors:

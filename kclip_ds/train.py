@@ -107,7 +107,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     stream = TrainStream(cfg.data.train, decoder, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                          num_workers=cfg.data.workers, seed=cfg.train.seed, resampled=cfg.data.resampled,
                          upsampling_factors=cfg.data.train_upsampling_factors, epoch_steps=cfg.data.epoch_steps,
-                         shuffle_buffer=cfg.data.shuffle_buffer)
+                         shuffle_buffer=cfg.data.shuffle_buffer, mix=cfg.data.mix)
     engine = eng.initialize(build_method(cfg.method, towers), cfg, world, ds_config)
     device, dtype = engine.device, eng.compute_dtype(engine)
     # Named here, where the device is known: on CUDA "auto" picks the Triton tiles (each call logs it too).

@@ -34,6 +34,8 @@ def test_demo_yaml_and_overrides() -> None:
     (["train.max_steps"], "is not of the form section.key=value"),
     (["data.train_upsampling_factors=1::2"], "needs data.resampled=true"),
     (["data.resampled=true", "data.train=a.tar::b.tar", "data.train_upsampling_factors=1"], "1 weights for 2 sources"),
+    (["data.mix=batches"], "data.mix must be sample or batch"),
+    (["data.mix=batch"], "data.mix=batch needs data.resampled=true"),
 ])
 def test_bad_overrides_are_named(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:

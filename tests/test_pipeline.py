@@ -134,3 +134,23 @@ def test_structure_negatives_ride_along_with_the_batch(demo_data: Path) -> None:
     rows = batch.neg_valid.nonzero(as_tuple=True)[0]
     assert not torch.equal(batch.neg_texts[rows], batch.texts[rows])
     assert (batch.neg_texts[~batch.neg_valid] == 0).all()
+
+
+def test_batch_mix_holds_fixed_rows_and_keeps_the_first_source_stream(demo_data: Path, decoder) -> None:
+    """data.mix=batch: every batch is 8 rows of source 1 then 4 of source 2, and source 1's rows are, step for
+    step, the rows that source 1 alone gives with 8-row batches (so a run that adds triplets on top of pairs
+    sees the same pairs as the pairs-only run); resuming continues the same stream."""
+    first, second = train_spec(demo_data), f"{demo_data}/test/000000.tar"
+    alone = stream(first, decoder, batch=8, workers=2, resampled=True, epoch_steps=6)
+    mixed = stream(f"{first}::{second}", decoder, batch=12, workers=2, resampled=True, upsampling_factors="2::1",
+                   epoch_steps=6, mix="batch")
+    assert mixed.layout()["batch_rows_source0"] == 8 and mixed.layout()["batch_rows_source1"] == 4
+    reference = list(itertools.islice(alone.batches(0), 9))  # crosses an epoch boundary
+    batches = list(itertools.islice(mixed.batches(0), 9))
+    for ref, batch in zip(reference, batches):
+        assert batch.keys[:8] == ref.keys and torch.equal(batch.images[:8], ref.images)
+        assert all(k.startswith("test-") for k in batch.keys[8:]), batch.keys
+        assert not any(k.startswith("test-") for k in batch.keys[:8])
+    assert [b.keys for b in itertools.islice(mixed.batches(4), 5)] == [b.keys for b in batches[4:]]
+    with pytest.raises(DataError, match="upsampling_factors='1::2'.*whole"):
+        stream(f"{first}::{second}", decoder, batch=8, resampled=True, upsampling_factors="1::2", mix="batch")

@@ -50,6 +50,7 @@ class StreamSpec:
     steps: int  # steps per epoch (the same on every rank)
     shuffle: bool
     shuffle_buffer: int
+    source_rows: tuple[int, ...] | None = None  # data.mix=batch: rows of each source in every batch
 
     @property
     def streams(self) -> int:
@@ -92,6 +93,30 @@ def _mixed_sources(shards: list[Shard], seed: int, epoch: int, rank: int, logica
         yield next(streams[rng.choices(range(len(streams)), weights=weights)[0]])
 
 
+def _per_batch_sources(shards: list[Shard], rows: tuple[int, ...], seed: int, epoch: int, rank: int, logical: int,
+                       shuffle_seed: int | None, shuffle_buffer: int) -> Iterator[dict[str, Any]]:
+    """Resampled mode with ``data.mix=batch``: every batch holds exactly ``rows[k]`` samples of source k, in
+    source order.  Each source is a stream of its own (its own shard draws and shuffle buffer), and source 0's
+    is exactly the stream that source 0 alone would give (the same seeds): a run that adds sources on top of
+    pairs sees the same pair rows at every step as the pairs-only run with ``rows[0]`` rows per batch."""
+    by_source: dict[int, list[Shard]] = {}
+    for shard in shards:
+        by_source.setdefault(shard.source, []).append(shard)
+    if len(by_source) != len(rows):
+        raise ValueError(f"{len(rows)} row counts for {len(by_source)} sources")
+    streams = []
+    for k, group in enumerate(by_source.values()):
+        stream: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
+            _read_segment(seg) for seg in planning.resampled_segments(group, seed, epoch, rank, logical))
+        if shuffle_seed is not None:
+            source_seed = shuffle_seed if k == 0 else planning.derive_seed("buffer-source", k, shuffle_seed)
+            stream = _buffer_shuffle(stream, shuffle_buffer, source_seed)
+        streams.append(stream)
+    while True:
+        for stream, n in zip(streams, rows):
+            yield from itertools.islice(stream, n)
+
+
 def _buffer_shuffle(samples: Iterable[dict[str, Any]], size: int, seed: int) -> Iterator[dict[str, Any]]:
     """Seeded reservoir shuffle over raw (undecoded) samples."""
     rng = random.Random(seed)
@@ -129,6 +154,9 @@ class ShardStream(IterableDataset):
         """The plan of a logical stream and its raw samples, in batch order, from the epoch start."""
         s = self.spec
         plan = self._plan(logical)
+        if plan.segments is None and s.source_rows is not None:  # shuffled per source, before the batches form
+            return plan, _per_batch_sources(list(s.shards), s.source_rows, s.seed, s.epoch, s.rank, logical,
+                                            plan.shuffle_seed, s.shuffle_buffer)
         if plan.segments is None:
             samples = _mixed_sources(list(s.shards), s.seed, s.epoch, s.rank, logical)
         else:
@@ -190,8 +218,22 @@ class TrainStream:
 
     def __init__(self, spec: str, decoder: SampleDecoder, *, rank: int, world_size: int, batch_size: int,
                  num_workers: int, seed: int, resampled: bool = False, upsampling_factors: str = "",
-                 epoch_steps: int = 0, shuffle_buffer: int = 256, name: str = "data.train"):
+                 epoch_steps: int = 0, shuffle_buffer: int = 256, mix: str = "sample", name: str = "data.train"):
+        """``mix``: how several sources share a resampled stream — "sample" (each sample draws its source,
+        weights × shard sizes) or "batch" (each batch holds a fixed number of rows of each source, in
+        proportion to the upsampling factors; :func:`kclip_ds.data.plan.batch_rows`)."""
         self.shards = tuple(resolve_shards(spec, name, upsampling_factors))
+        self.source_rows: tuple[int, ...] | None = None
+        if mix == "batch":
+            if not resampled:
+                raise DataError(f"{name}: data.mix=batch needs data.resampled=true")
+            weights = [float(w) for w in upsampling_factors.split("::")] if upsampling_factors else \
+                [1.0] * len(spec.split("::"))
+            try:
+                self.source_rows = tuple(planning.batch_rows(weights, batch_size))
+            except ValueError as exc:
+                raise DataError(f"data.mix=batch: data.train_upsampling_factors={upsampling_factors!r}: {exc} "
+                                f"(data.batch_size); choose factors whose shares of it are whole numbers") from None
         self.decoder = decoder
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -207,12 +249,13 @@ class TrainStream:
         """What must match for a saved data position to mean the same stream after resume."""
         return {"world_size": self.world_size, "batch_size": self.batch_size, "num_workers": self.num_workers,
                 "seed": self.seed, "num_samples": self.num_samples, "steps_per_epoch": self.steps_per_epoch,
-                "resampled": int(self.resampled)}
+                "resampled": int(self.resampled),
+                **{f"batch_rows_source{k}": n for k, n in enumerate(self.source_rows or ())}}
 
     def epoch_spec(self, epoch: int, start_step: int) -> StreamSpec:
         return StreamSpec(self.shards, self.seed, epoch, self.rank, self.world_size, self.batch_size,
                           self.num_workers, start_step, self.resampled, self.steps_per_epoch, True,
-                          self.shuffle_buffer)
+                          self.shuffle_buffer, self.source_rows)
 
     def batches(self, start: int = 0) -> Iterator[Batch]:
         """Batches from micro-batch ``start`` (counted from the beginning of training) onwards."""

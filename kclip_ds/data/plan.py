@@ -148,6 +148,17 @@ def resampled_segments(shards: list[Shard], seed: int, epoch: int, rank: int, lo
         yield Segment(shard.url, 0, None)
 
 
+def batch_rows(weights: list[float], batch_size: int) -> list[int]:
+    """Rows per source in every batch under ``data.mix=batch``: ``batch_size × w_k / Σ w``, each a whole number
+    (``1::1`` with 128 rows gives 64 + 64).  Raises ValueError when a share is not whole or is 0."""
+    total = sum(weights)
+    rows = [batch_size * w / total for w in weights] if total > 0 else []
+    if not rows or any(r < 1 or abs(r - round(r)) > 1e-9 for r in rows):
+        raise ValueError(f"weights {'::'.join(f'{w:g}' for w in weights)} do not split a batch of {batch_size} "
+                         f"rows into whole, non-zero shares")
+    return [round(r) for r in rows]
+
+
 def logical_worker(physical: int, start_step: int, num_workers: int) -> int:
     """Which logical worker physical DataLoader worker ``physical`` plays when resuming at ``start_step``."""
     return (start_step + physical) % num_workers
