@@ -81,7 +81,28 @@ def main(root: str = "runs/kclip") -> int:
             cells = [mean_sd([m[k] for _, m in with_diag], digits=0 if k.startswith("errors") or "shirt" in k else
                              (1 if k == "image_knn" else 3)) for k in columns]
             print(f"| {variant} | {','.join(str(s) for s, _ in with_diag)} | " + " | ".join(cells) + " |")
+    paired_table(by_variant)
     return 0
+
+
+def paired_table(by_variant: dict[str, list[tuple[int, dict, float]]], reference: str = "clip") -> None:
+    """Per-seed differences against the reference run of the same seed (mean ± sd over the shared seeds):
+    the comparison the kclipadd* variants are built for, whose pair rows equal clip_sN's step for step."""
+    base = {seed: m for seed, m, _ in by_variant.get(reference, [])}
+    keys = {"class (test)": ("zeroshot/top1", 100), "class (val)": ("zeroshot_val/top1", 100),
+            "image 10-NN": ("image_knn", 1), "ancestor mAP": ("ancestor_map", 100)}
+    print(f"\nPaired with {reference} (same seed; variant − {reference}, mean ± sd over seeds, per seed):\n")
+    print("| variant | seeds | " + " | ".join(f"Δ {k}" for k in keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for variant, runs in by_variant.items():
+        shared = [(seed, m) for seed, m, _ in runs if seed in base and variant != reference]
+        if not shared:
+            continue
+        cells = []
+        for key, factor in keys.values():
+            deltas = [(m[key] - base[seed][key]) * factor for seed, m in shared if key in m and key in base[seed]]
+            cells.append(f"{mean_sd(deltas, 2)} ({' / '.join(f'{d:+.2f}' for d in deltas)})" if deltas else "")
+        print(f"| {variant} | {','.join(str(seed) for seed, _ in shared)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

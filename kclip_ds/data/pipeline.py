@@ -75,15 +75,25 @@ def _read_segment(segment: planning.Segment) -> Iterator[dict[str, Any]]:
                         f"the shard is truncated or the manifest is stale — re-create the shards")
 
 
+def _by_source(shards: list[Shard]) -> dict[int, list[Shard]]:
+    by_source: dict[int, list[Shard]] = {}
+    for shard in shards:
+        by_source.setdefault(shard.source, []).append(shard)
+    return by_source
+
+
+def _resampled_stream(group: list[Shard], seed: int, epoch: int, rank: int, logical: int) -> Iterator[dict[str, Any]]:
+    """Raw samples of whole shards of ``group`` drawn with replacement, endlessly."""
+    return itertools.chain.from_iterable(
+        _read_segment(seg) for seg in planning.resampled_segments(group, seed, epoch, rank, logical))
+
+
 def _mixed_sources(shards: list[Shard], seed: int, epoch: int, rank: int, logical: int) -> Iterator[dict[str, Any]]:
     """Resampled mode: an endless stream in which each sample's source ('::'-separated part of the spec) is
     drawn with probability ∝ Σ weight × count of its shards — the share that whole-shard resampling gives
     on average, but mixed sample by sample, so that every batch holds every source (pairs and triplets)."""
-    by_source: dict[int, list[Shard]] = {}
-    for shard in shards:
-        by_source.setdefault(shard.source, []).append(shard)
-    streams = [itertools.chain.from_iterable(_read_segment(seg) for seg in planning.resampled_segments(
-        group, seed, epoch, rank, logical)) for group in by_source.values()]
+    by_source = _by_source(shards)
+    streams = [_resampled_stream(group, seed, epoch, rank, logical) for group in by_source.values()]
     if len(streams) == 1:
         yield from streams[0]
         return
@@ -99,15 +109,12 @@ def _per_batch_sources(shards: list[Shard], rows: tuple[int, ...], seed: int, ep
     source order.  Each source is a stream of its own (its own shard draws and shuffle buffer), and source 0's
     is exactly the stream that source 0 alone would give (the same seeds): a run that adds sources on top of
     pairs sees the same pair rows at every step as the pairs-only run with ``rows[0]`` rows per batch."""
-    by_source: dict[int, list[Shard]] = {}
-    for shard in shards:
-        by_source.setdefault(shard.source, []).append(shard)
+    by_source = _by_source(shards)
     if len(by_source) != len(rows):
         raise ValueError(f"{len(rows)} row counts for {len(by_source)} sources")
     streams = []
     for k, group in enumerate(by_source.values()):
-        stream: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
-            _read_segment(seg) for seg in planning.resampled_segments(group, seed, epoch, rank, logical))
+        stream = _resampled_stream(group, seed, epoch, rank, logical)
         if shuffle_seed is not None:
             source_seed = shuffle_seed if k == 0 else planning.derive_seed("buffer-source", k, shuffle_seed)
             stream = _buffer_shuffle(stream, shuffle_buffer, source_seed)
