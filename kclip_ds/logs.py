@@ -28,7 +28,8 @@ def format_step(step: int, total: int, values: dict[str, float]) -> str:
     """step 12/100 | epoch 0 | loss 3.1234 | lr 1.20e-04 | 152.3 samples/s | 76.1 samples/s/rank | logit_scale 14.29"""
     return (f"step {step}/{total} | epoch {int(values['epoch'])} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
             f"{values['samples_per_s']:.1f} samples/s | {values['samples_per_s_per_rank']:.1f} samples/s/rank | "
-            f"logit_scale {values['logit_scale']:.2f}")
+            f"logit_scale {values['logit_scale']:.2f}"
+            + (f" | grad_norm {values['grad_norm']:.3f}" if "grad_norm" in values else ""))
 
 
 class MetricsLog:

@@ -192,7 +192,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
             samples = cfg.data.batch_size * cfg.train.grad_accum
             metrics.train(step, {"epoch": (micro - 1) // stream.steps_per_epoch, "loss": loss, "lr": lr,
                                  "samples_per_s": samples * world / seconds, "samples_per_s_per_rank": samples / seconds,
-                                 "logit_scale": float(out["logs"]["logit_scale"]),
+                                 "logit_scale": float(out["logs"]["logit_scale"]), **grad_norm(engine),
                                  **{k: float(v) for k, v in out["logs"].items() if k.startswith("loss_")}})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             last_eval = run_eval()
@@ -208,6 +208,12 @@ def run_training(cfg: Config) -> dict[str, Any]:
     metrics.close()
     log.info("finished at step %d (%s)", step, stopped_by)
     return {"step": step, "stopped_by": stopped_by, "metrics": last_eval}
+
+
+def grad_norm(engine) -> dict[str, float]:
+    """{"grad_norm": the last step's global gradient norm before clipping}, where DeepSpeed reports one."""
+    norm = engine.get_global_grad_norm()
+    return {} if norm is None else {"grad_norm": float(norm)}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
