@@ -211,7 +211,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
 
 
 def grad_norm(engine) -> dict[str, float]:
-    """{"grad_norm": the last step's global gradient norm before clipping}, where DeepSpeed reports one."""
+    """{"grad_norm": the last step's global gradient norm before clipping}, where DeepSpeed keeps one (every
+    ZeRO stage and precision but ZeRO-0 in fp32)."""
     norm = engine.get_global_grad_norm()
     return {} if norm is None else {"grad_norm": float(norm)}
 
