@@ -13,6 +13,8 @@ For each run (final checkpoint, scored through the method's encode path like kcl
 - ``image_knn_top1``: the class task from the image tower alone (10-NN among the val images' embeddings);
 - ``class_top1_per_class`` and ``class_confusion`` (rows = true class): where the class task gains or loses;
 - ``image_to_group``: per class, the group whose prompt is nearest to the class's mean image embedding;
+- ``class_right_test`` / ``class_right_val``: per image, whether the class prediction is right ("0"/"1" in split
+  order), for paired (McNemar) comparisons of two runs on the same images (knowledge_fashion_table.py);
 - ``ancestor_map``: the many-label hypernym task (kclip_ds.knowledge.fashion.ancestor_labels — every WordNet
   ancestor of the classes (each one a KG entity) that holds some classes but not all, and no caption names): per label,
   the average precision of ranking the images by their cosine to the label's prompt (templates averaged), and
@@ -48,6 +50,10 @@ def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def bits(right: torch.Tensor) -> str:
+    return "".join("1" if x else "0" for x in right.tolist())
+
+
 def diagnose(run: Path, data: Path, limit: int, ancestors: dict[str, list[int]]) -> dict:
     model = load_eval_model(run, device="cpu")
     towers = model.towers
@@ -116,7 +122,10 @@ def diagnose(run: Path, data: Path, limit: int, ancestors: dict[str, list[int]])
     # zero-shot figure drops, the class loss sits in where the prompts land, not in the image geometry.
     nearest = val_c[(v @ val_v.T).topk(KNN, dim=1).indices]
     knn = torch.nn.functional.one_hot(nearest, len(classes)).sum(1).argmax(1)
-    return {"run": run.name, "n": len(v), "val_class_top1": float(((val_v @ class_w.T).argmax(1) == val_c).float().mean()),
+    val_right = (val_v @ class_w.T).argmax(1) == val_c
+    return {"run": run.name, "n": len(v), "val_class_top1": float(val_right.float().mean()),
+            # per image, in split order: "1" where the class prediction is right (paired tests between runs)
+            "class_right_test": bits(class_predicted == c), "class_right_val": bits(val_right),
             "image_knn_top1": float((knn == c).float().mean()), **sibling,
             "hypernym_top1": float((predicted == g).float().mean()),
             "class_top1": float((class_predicted == c).float().mean()),

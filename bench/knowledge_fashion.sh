@@ -31,6 +31,8 @@
 #                 rows of clip_sN (same seed) — a paired comparison: the knowledge terms are the only difference
 #   kclipadd_noimg  kclipadd with method.knowledge_image_grad=false
 #   kclipadd_noimg_nokd  kclipadd_noimg without KD (method.kd_weight=0): is the frozen init holding the class back?
+#   kclipadd_noimg_kdW  kclipadd_noimg with method.kd_weight=W
+#   kclipadd_nokd kclipadd without KD, the knowledge gradient reaching the image tower
 #   kclip_coolN   kclip with the knowledge objectives falling linearly to 0 over the last N steps
 #                 (method.objective_cooldown_steps=N): the run ends on the CLIP term (and the stream) alone
 #   kclip2x       kclip with twice the batch (2 × 128): the triplets come on top of about as many pair rows as
@@ -106,6 +108,10 @@ for v in $VARIANTS; do
     kclipadd_noimg_s*) launch "$v" "${STAGE2[@]}" "${ADD_STREAM[@]}" train.seed="$seed" method.knowledge_image_grad=false ;;
     kclipadd_noimg_nokd_s*) launch "$v" "${STAGE2[@]}" "${ADD_STREAM[@]}" train.seed="$seed" \
                               method.knowledge_image_grad=false method.kd_weight=0 ;;
+    kclipadd_noimg_kd*_s*) kd=${v#kclipadd_noimg_kd}; kd=${kd%_s*}
+                           launch "$v" "${STAGE2[@]}" "${ADD_STREAM[@]}" train.seed="$seed" \
+                             method.knowledge_image_grad=false method.kd_weight="$kd" ;;
+    kclipadd_nokd_s*) launch "$v" "${STAGE2[@]}" "${ADD_STREAM[@]}" train.seed="$seed" method.kd_weight=0 ;;
     kclip_noimg_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" method.knowledge_image_grad=false ;;
     kclip2x_noimg_s*) launch "$v" "${STAGE2[@]}" "${STREAM[@]}" train.seed="$seed" data.batch_size=128 \
                         method.knowledge_image_grad=false ;;

@@ -8,6 +8,7 @@ bench/knowledge_diagnostics.py) and the median training throughput.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import sys
@@ -35,6 +36,9 @@ def mean_sd(values: list[float], digits: int = 1) -> str:
 def diagnostic_metrics(row: dict) -> dict[str, float]:
     """The figures of one knowledge_diagnostics.py row that the tables use (older rows lack some)."""
     out = {"ancestor_map": row["ancestor_map"]}
+    for split in ("test", "val"):
+        if f"class_right_{split}" in row:
+            out[f"right_{split}"] = row[f"class_right_{split}"]
     if "class_confusion" in row:
         group = [CLASS_GROUP[name] for name in row["class_top1_per_class"]]
         confusion = row["class_confusion"]
@@ -103,6 +107,41 @@ def paired_table(by_variant: dict[str, list[tuple[int, dict, float]]], reference
             deltas = [(m[key] - base[seed][key]) * factor for seed, m in shared if key in m and key in base[seed]]
             cells.append(f"{mean_sd(deltas, 2)} ({' / '.join(f'{d:+.2f}' for d in deltas)})" if deltas else "")
         print(f"| {variant} | {','.join(str(seed) for seed, _ in shared)} | " + " | ".join(cells) + " |")
+    mcnemar_table(by_variant, base, reference)
+
+
+def mcnemar(right: str, reference: str) -> tuple[float, float]:
+    """(Δ, SE) in points of accuracy between two classifiers scored on the same images ("0"/"1" per image):
+    Δ = (b − c)/n with b, c the images only one of them gets right; SE of the paired difference, so the
+    spread that the finite split alone would give (McNemar), not the training noise across seeds."""
+    assert len(right) == len(reference), "the two runs were scored on different images"
+    n = len(right)
+    b = sum(x == "1" and y == "0" for x, y in zip(right, reference))
+    c = sum(x == "0" and y == "1" for x, y in zip(right, reference))
+    delta = (b - c) / n
+    return 100 * delta, 100 * math.sqrt(max((b + c) / n - delta ** 2, 0.0) / n)
+
+
+def mcnemar_table(by_variant: dict[str, list[tuple[int, dict, float]]], base: dict[int, dict],
+                  reference: str) -> None:
+    """Per seed, Δ class top-1 ± its per-image SE, on the 10,000 test and the 5,000 val images."""
+    rows = []
+    for variant, runs in by_variant.items():
+        cells = []
+        for split in ("test", "val"):
+            key = f"right_{split}"
+            pairs = [mcnemar(m[key], base[seed][key]) for seed, m, _ in runs
+                     if variant != reference and seed in base and key in m and key in base[seed]]
+            if pairs:
+                mean = statistics.mean(d for d, _ in pairs)
+                cells.append(f"{mean:+.2f} (SE ≤ {statistics.mean(se for _, se in pairs):.2f}; "
+                             + " / ".join(f"{d:+.2f} ± {se:.2f}" for d, se in pairs) + ")")
+        if len(cells) == 2:
+            rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if rows:
+        print(f"\nPaired per image with {reference} (McNemar: mean Δ over seeds, per-image SE, per seed Δ ± SE):\n")
+        print("| variant | Δ class top-1, test | Δ class top-1, val |\n|---|---|---|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":
