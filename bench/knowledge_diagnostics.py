@@ -49,11 +49,11 @@ def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return float((precision * hits).sum() / hits.sum().clamp(min=1))
 
 
-@torch.no_grad()
 def bits(right: torch.Tensor) -> str:
     return "".join("1" if x else "0" for x in right.tolist())
 
 
+@torch.no_grad()
 def diagnose(run: Path, data: Path, limit: int, ancestors: dict[str, list[int]]) -> dict:
     model = load_eval_model(run, device="cpu")
     towers = model.towers

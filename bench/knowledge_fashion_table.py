@@ -2,7 +2,9 @@
 class-level and hypernym-level zero-shot top-1, the many-label hypernym mAP (RUN/diagnostics.json, written by
 bench/knowledge_diagnostics.py) and the median training throughput.
 
-    python bench/knowledge_fashion_table.py [RUNS_DIR]        (default runs/kclip)
+    python bench/knowledge_fashion_table.py [RUNS_DIR [REFERENCE ...]]   (default runs/kclip clip)
+
+Each REFERENCE variant (default clip) gets the paired tables: every other variant against it, seed by seed.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def diagnostic_metrics(row: dict) -> dict[str, float]:
     return out
 
 
-def main(root: str = "runs/kclip") -> int:
+def main(root: str = "runs/kclip", *references: str) -> int:
     by_variant: dict[str, list[tuple[int, dict, float]]] = defaultdict(list)
     for done in sorted(Path(root).glob("*_s[0-9]*/done.json")):
         variant, seed = re.fullmatch(r"(.+)_s(\d+)", done.parent.name).groups()
@@ -85,11 +87,12 @@ def main(root: str = "runs/kclip") -> int:
             cells = [mean_sd([m[k] for _, m in with_diag], digits=0 if k.startswith("errors") or "shirt" in k else
                              (1 if k == "image_knn" else 3)) for k in columns]
             print(f"| {variant} | {','.join(str(s) for s, _ in with_diag)} | " + " | ".join(cells) + " |")
-    paired_table(by_variant)
+    for reference in references or ("clip",):
+        paired_table(by_variant, reference)
     return 0
 
 
-def paired_table(by_variant: dict[str, list[tuple[int, dict, float]]], reference: str = "clip") -> None:
+def paired_table(by_variant: dict[str, list[tuple[int, dict, float]]], reference: str) -> None:
     """Per-seed differences against the reference run of the same seed (mean ± sd over the shared seeds):
     the comparison the kclipadd* variants are built for, whose pair rows equal clip_sN's step for step."""
     base = {seed: m for seed, m, _ in by_variant.get(reference, [])}
@@ -127,19 +130,21 @@ def mcnemar_table(by_variant: dict[str, list[tuple[int, dict, float]]], base: di
     """Per seed, Δ class top-1 ± its per-image SE, on the 10,000 test and the 5,000 val images."""
     rows = []
     for variant, runs in by_variant.items():
+        if variant == reference:
+            continue
         cells = []
         for split in ("test", "val"):
             key = f"right_{split}"
             pairs = [mcnemar(m[key], base[seed][key]) for seed, m, _ in runs
-                     if variant != reference and seed in base and key in m and key in base[seed]]
+                     if seed in base and key in m and key in base[seed]]
             if pairs:
                 mean = statistics.mean(d for d, _ in pairs)
-                cells.append(f"{mean:+.2f} (SE ≤ {statistics.mean(se for _, se in pairs):.2f}; "
+                cells.append(f"{mean:+.2f} (SE ≤ {max(se for _, se in pairs):.2f}; "
                              + " / ".join(f"{d:+.2f} ± {se:.2f}" for d, se in pairs) + ")")
         if len(cells) == 2:
             rows.append(f"| {variant} | " + " | ".join(cells) + " |")
     if rows:
-        print(f"\nPaired per image with {reference} (McNemar: mean Δ over seeds, per-image SE, per seed Δ ± SE):\n")
+        print(f"\nPaired per image with {reference} (McNemar: mean Δ over seeds, the largest per-image SE, per seed Δ ± SE):\n")
         print("| variant | Δ class top-1, test | Δ class top-1, val |\n|---|---|---|")
         print("\n".join(rows))
 
